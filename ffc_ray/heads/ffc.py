@@ -240,24 +240,32 @@ class FFCHead(Head):
 
     # ---- logits ---------------------------------------------------------------------------
     def _cosine_sets(self, p: torch.Tensor, seen_slots: torch.Tensor) -> list[torch.Tensor]:
-        """One [B, C] cosine matrix per logit set (K for ring mode, 1 for mean mode)."""
+        """One [B, C] cosine matrix per logit set (K for ring mode, 1 for mean mode).
+
+        Ring mode does ONE [B, D] x [D, C] product (row 0); set k > 0 differs from it only in the
+        columns of slots hit in this pass whose row k is valid (at most the gallery size), so
+        those columns are computed alone and patched in (``index_copy``, out of place: autograd
+        sends the set's gradient of the unpatched columns back through the shared product, and
+        the backward is one [B, C] x [C, D] product too)."""
         if self.k_mode == "mean":
             with torch.no_grad():
                 n = self.row_count.clamp(min=1)  # never-written slots: their random row 0
                 valid = torch.arange(self.k_per_id, device=n.device)[:, None] < n[None, :]
                 center = (self.pool * valid[..., None]).sum(0) / n[:, None].to(self.pool.dtype)
             return [F.linear(p, center)]
-        sets = [F.linear(p, self.pool[0])]
+        base = F.linear(p, self.pool[0])
+        sets = [base]
         if self.k_per_id > 1:
             with torch.no_grad():
-                seen = torch.zeros(self.capacity, dtype=torch.bool, device=self.pool.device)
-                if seen_slots.numel():
-                    seen[seen_slots] = True
+                seen = torch.unique(seen_slots) if seen_slots.numel() else seen_slots
             for k in range(1, self.k_per_id):
                 with torch.no_grad():
-                    use_k = seen & (self.row_count > k)
-                    weight = torch.where(use_k[:, None], self.pool[k], self.pool[0])
-                sets.append(F.linear(p, weight))
+                    cols = seen[self.row_count[seen] > k] if seen.numel() else seen
+                if cols.numel() == 0:
+                    sets.append(base)
+                    continue
+                patch = F.linear(p, self.pool[k].index_select(0, cols))
+                sets.append(base.index_copy(1, cols, patch))
         return sets
 
     def _neg_term(self, cos_neg: torch.Tensor) -> torch.Tensor:
@@ -294,17 +302,20 @@ class FFCHead(Head):
         loss_pos, loss_neg = zero, zero
         norms = raw.norm(dim=1)
         diag: dict[str, float] = {}
+        everyone = num_neg == 0  # the usual case: no [B, C] row copies then
+        target = slots if everyone else slots[pos]
+        norms_pos = norms if everyone else norms[pos]
         for cos in self._cosine_sets(p, seen):
             if not diag:  # first logit set: mean target cosine / mean cosine to other columns
                 diag = self._diagnostics(cos.detach(), slots, pos)
             if num_pos:
-                target = slots[pos]
-                logits = self.margin(cos[pos], target, norms[pos])
+                cos_pos = cos if everyone else cos[pos]
+                logits = self.margin(cos_pos, target, norms_pos)
                 loss_pos = loss_pos + F.cross_entropy(logits.float(), target)
             if num_neg:
-                loss_neg = loss_neg + self._neg_term(cos[neg])
+                loss_neg = loss_neg + self._neg_term(cos if num_pos == 0 else cos[neg])
         if num_pos and getattr(self.margin, "has_extra_loss", False):  # MagFace regulariser
-            loss_pos = loss_pos + self.margin.extra_loss(norms[pos])
+            loss_pos = loss_pos + self.margin.extra_loss(norms_pos)
         total = loss_pos + loss_neg
         b = max(1, slots.numel())
         metrics = {
@@ -323,12 +334,15 @@ class FFCHead(Head):
         """cos_target: mean cosine of positives to their own column; cos_other: mean cosine
         to every other column (a collapse of the embedding shows as cos_other -> 1)."""
         out = {}
-        mask = torch.ones_like(cos, dtype=torch.bool)
+        total = float(cos.sum(dtype=torch.float64))
+        count = cos.numel()
         if bool(pos.any()):
             t = slots[pos]
-            out["cos_target"] = float(cos[pos].gather(1, t[:, None]).mean())
-            mask[pos.nonzero().squeeze(1), t] = False
-        out["cos_other"] = float(cos[mask].mean()) if bool(mask.any()) else 0.0
+            tgt = cos[pos.nonzero().squeeze(1), t]
+            out["cos_target"] = float(tgt.mean())
+            total -= float(tgt.sum(dtype=torch.float64))
+            count -= int(t.numel())
+        out["cos_other"] = total / count if count else 0.0
         return out
 
     def forward(  # type: ignore[override]

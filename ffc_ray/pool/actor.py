@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -268,7 +269,11 @@ def _was_reconstructed() -> bool:
         if not ray.is_initialized():
             return False
         ctx = ray.get_runtime_context()
-        return ctx.get_actor_id() is not None and bool(ctx.was_current_actor_reconstructed)
+        if ctx.get_actor_id() is None:
+            return False
+        with warnings.catch_warnings():  # the property reads the deprecated ``actor_id``
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ctx.was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - outside an actor (plain object in unit tests)
         return False
 

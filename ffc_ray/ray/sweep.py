@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -148,51 +147,11 @@ def head_memory_mb(cfg: Config, num_classes: int) -> float:
 
 
 def fit_training(cfg: Config, name: str, callbacks: Sequence[Any]) -> Any:
-    """Run one training through :mod:`ffc_ray.ray.train` with extra Train callbacks.
-
-    Uses ``run_training(cfg, name=..., callbacks=...)`` when the training module takes
-    callbacks; otherwise the same steps as ``run_training`` with the TorchTrainer from its
-    ``build_torch_trainer`` rebuilt with the callbacks added to its RunConfig.
-    """
+    """Run one training through :func:`ffc_ray.ray.train.run_training` with extra Train
+    callbacks (``ray.train.UserCallback``, run on the trial's Train controller)."""
     from ffc_ray.ray import train as rt
 
-    if "callbacks" in inspect.signature(rt.run_training).parameters:
-        return rt.run_training(cfg, name=name, callbacks=list(callbacks))
-    return _fit_training_interim(cfg, name, callbacks)
-
-
-def _fit_training_interim(cfg: Config, name: str, callbacks: Sequence[Any]) -> Any:
-    from ray.train.torch import TorchTrainer
-
-    from ffc_ray.ray import train as rt
-
-    cfg = rt.resolve_paths(cfg) if hasattr(rt, "resolve_paths") else cfg
-    capacity = cfg.check_pool_fits(rt.num_training_classes(cfg))
-    rt.check_eval_sets(cfg)
-    run_dir = rt.storage_root(cfg) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / rt.CONFIG_FILE)
-    actor = None
-    if cfg.head.type == "ffc":
-        from ffc_ray.pool.actor import create_pool_actor, kill_pool_actor
-
-        actor = create_pool_actor(name, capacity, cfg.pool.policy)
-    loop_config = {"config": cfg.to_dict(), "run_dir": str(run_dir), "actor": actor, "extra": {}}
-    base = rt.build_torch_trainer(cfg, name, loop_config)
-    run_config = dataclasses.replace(
-        base.run_config, callbacks=[*(base.run_config.callbacks or []), *callbacks]
-    )
-    trainer = TorchTrainer(
-        base.train_loop_per_worker,
-        train_loop_config=base.train_loop_config,
-        scaling_config=base.scaling_config,
-        run_config=run_config,
-    )
-    try:
-        return trainer.fit()
-    finally:
-        if actor is not None:
-            kill_pool_actor(actor)
+    return rt.run_training(cfg, name=name, callbacks=list(callbacks))
 
 
 def trial_driver(config: dict[str, Any], spec: SweepSpec, exp_dir: str) -> None:

@@ -815,8 +815,11 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(configure_logging=False)
 
 
-def build_torch_trainer(cfg: Config, name: str, loop_config: dict[str, Any]) -> Any:
-    """The TorchTrainer: scaling, failures, checkpoint ranking and storage from ``cfg``."""
+def build_torch_trainer(
+    cfg: Config, name: str, loop_config: dict[str, Any], callbacks: list[Any] | None = None
+) -> Any:
+    """The TorchTrainer: scaling, failures, checkpoint ranking and storage from ``cfg``;
+    ``callbacks``: ``ray.train.UserCallback`` instances (e.g. Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -830,6 +833,7 @@ def build_torch_trainer(cfg: Config, name: str, loop_config: dict[str, Any]) -> 
     run_config = RunConfig(
         name=name,
         storage_path=str(storage_root(cfg)),
+        callbacks=list(callbacks or []),
         failure_config=FailureConfig(max_failures=r.max_failures),
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.train.keep_checkpoints,
@@ -853,6 +857,7 @@ def run_training(
     config_path: str | Path | None = None,
     extra: dict[str, Any] | None = None,
     keep_actor: bool = False,
+    callbacks: list[Any] | None = None,
 ) -> TrainRun:
     """Train ``cfg`` on Ray Train; the same ``name`` again resumes from the latest checkpoint.
 
@@ -861,6 +866,7 @@ def run_training(
     ``stop_after_step`` (stop cleanly after that step, with a checkpoint: a stopped driver),
     ``pid_files`` (every rank writes ``workers/rank<r>.pid``). ``keep_actor`` leaves the pool
     actor alive and returns its handle (for inspection); otherwise it is ended after the run.
+    ``callbacks`` go to the ``RunConfig`` (``ray.train.UserCallback``, run on the controller).
     """
     name = _check_name(name or default_run_name(cfg, config_path))
     if cfg.head.type == "partial_fc" and cfg.ray.num_workers > 1:
@@ -902,7 +908,7 @@ def run_training(
         "actor": actor,
         "extra": dict(extra or {}),
     }
-    trainer = build_torch_trainer(cfg, name, loop_config)
+    trainer = build_torch_trainer(cfg, name, loop_config, callbacks)
     log.info(
         "run %s: %d worker(s), head %s, pool %s, storage %s",
         name,

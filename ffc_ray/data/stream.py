@@ -12,8 +12,9 @@ from the rows the sampler orders for that rank (:mod:`ffc_ray.data.reader` build
 non-Ray :class:`~ffc_ray.data.reader.StoreDualReader` uses the very same functions). A read
 task covers a few steps of one epoch: it rebuilds the epoch plan from (seed, epoch, rank) in
 its process (cached there), fetches the raw records through per-process cached LMDB
-environments, and ``map_batches`` decodes + augments + normalises them with
-:func:`~ffc_ray.data.transforms.decode_augment_normalize`. A dataset covers global steps
+environments and decodes + augments them in the same task (the reader's functions from
+:mod:`ffc_ray.data.transforms`); blocks carry uint8 images, normalised by the consumer on its
+device (or float32 normalised in the task, ``normalize=True``). A dataset covers global steps
 ``[start_step, start_step + num_steps)`` across epochs, so resuming at a step is exact.
 
 Why one dataset per rank, not Ray Train's ``streaming_split``: the split hands blocks to
@@ -38,11 +39,10 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 from ray.data import Datasource, ReadTask
-from ray.data.block import BlockMetadata
+from ray.data.block import BlockAccessor, BlockMetadata
 
 from ffc_ray.data.reader import DualBatch, StreamSpec, instance_rows, pair_rows
 from ffc_ray.data.store import read_records
@@ -86,43 +86,45 @@ def _chunks(
     return out
 
 
-def _read_chunk(spec: StreamSpec, kind: str, epoch: int, lo: int, hi: int) -> list[pa.Table]:
-    """Read task body: the raw records of steps lo..hi-1 of ``epoch`` for ``spec``'s rank."""
+def _read_chunk(
+    spec: StreamSpec, kind: str, epoch: int, lo: int, hi: int, normalize: bool = False
+) -> list[Any]:
+    """Read task body: steps lo..hi-1 of ``epoch`` for ``spec``'s rank, decoded.
+
+    Reads the raw records (per-process cached LMDB environments), decodes + augments them
+    (:func:`_prepare`, the single-process reader's functions) and returns one block of the
+    images (uint8 [n, 3, S, S], or float32 normalised when ``normalize``) with their labels,
+    store indices and (epoch, step). Decoding here, not in a ``map_batches`` after the read,
+    spares a binary column, its conversion to Python objects and a second operator.
+    """
     store = spec.store_handle()
+    size = store.image_size
     if kind == "inst":
         idx, seed, step = instance_rows(spec, epoch, lo, hi)
-        blobs = read_records(store.path, store.keys[idx], store.shards[idx])
-        cols = {
-            "idx": idx,
-            "label": store.labels[idx],
-            "seed": seed,
-            "key": store.keys[idx],
-            "data": blobs,
+        keys = store.keys[idx]
+        blobs = read_records(store.path, keys, store.shards[idx])
+        batch = {
+            "image": _prepare(blobs, seed, keys, spec, size, normalize),
+            "label": store.labels[idx].astype(np.int64),
+            "idx": idx.astype(np.int64),
         }
     else:
         i1, i2, s1, s2, step = pair_rows(spec, epoch, lo, hi)
-        cols = {
-            "idx1": i1,
-            "idx2": i2,
-            "label": store.labels[i1],
-            "seed1": s1,
-            "seed2": s2,
-            "key1": store.keys[i1],
-            "key2": store.keys[i2],
-            "data1": read_records(store.path, store.keys[i1], store.shards[i1]),
-            "data2": read_records(store.path, store.keys[i2], store.shards[i2]),
+        k1, k2 = store.keys[i1], store.keys[i2]
+        batch = {
+            "image1": _prepare(
+                read_records(store.path, k1, store.shards[i1]), s1, k1, spec, size, normalize
+            ),
+            "image2": _prepare(
+                read_records(store.path, k2, store.shards[i2]), s2, k2, spec, size, normalize
+            ),
+            "label": store.labels[i1].astype(np.int64),
+            "idx1": i1.astype(np.int64),
+            "idx2": i2.astype(np.int64),
         }
-    n = len(step)
-    table = {
-        k: pa.array(
-            v if not isinstance(v, np.ndarray) or v.dtype.kind != "S" else v.tolist(),
-            pa.binary() if k.startswith(("data", "key")) else None,
-        )
-        for k, v in cols.items()
-    }
-    table["epoch"] = pa.array(np.full(n, epoch, dtype=np.int64))
-    table["step"] = pa.array(step.astype(np.int64))
-    return [pa.table(table)]
+    batch["epoch"] = np.full(len(step), epoch, dtype=np.int64)
+    batch["step"] = np.asarray(step, dtype=np.int64)
+    return [BlockAccessor.batch_to_block(batch)]
 
 
 class StorePlanDatasource(Datasource):
@@ -133,7 +135,13 @@ class StorePlanDatasource(Datasource):
     """
 
     def __init__(
-        self, spec: StreamSpec, kind: str, start_step: int, num_steps: int, steps_per_task: int = 4
+        self,
+        spec: StreamSpec,
+        kind: str,
+        start_step: int,
+        num_steps: int,
+        steps_per_task: int = 4,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -143,6 +151,7 @@ class StorePlanDatasource(Datasource):
         self.start_step = int(start_step)
         self.num_steps = int(num_steps)
         self.steps_per_task = max(1, int(steps_per_task))
+        self.normalize = bool(normalize)
         self._bytes_per_record: int | None = None
 
     def get_name(self) -> str:
@@ -153,10 +162,10 @@ class StorePlanDatasource(Datasource):
         return self.spec.instance_batch if self.kind == "inst" else self.spec.identity_batch
 
     def _record_bytes(self) -> int:
+        """Bytes of one decoded image in a block (what the object store holds)."""
         if self._bytes_per_record is None:
-            st = self.spec.store_handle()
-            total = sum((p / "data.mdb").stat().st_size for p in (st.path / "shards").iterdir())
-            self._bytes_per_record = max(1, total // max(1, st.num_images))
+            size = self.spec.store_handle().image_size
+            self._bytes_per_record = 3 * size * size * (4 if self.normalize else 1)
         return self._bytes_per_record
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -181,10 +190,11 @@ class StorePlanDatasource(Datasource):
                 num_rows=rows, size_bytes=int(rows * per_row), exec_stats=None, input_files=None
             )
             spec, kind = self.spec, self.kind
+            norm = self.normalize
             tasks.append(
                 ReadTask(
-                    lambda spec=spec, kind=kind, epoch=epoch, lo=lo, hi=hi: _read_chunk(
-                        spec, kind, epoch, lo, hi
+                    lambda spec=spec, kind=kind, epoch=epoch, lo=lo, hi=hi, norm=norm: _read_chunk(
+                        spec, kind, epoch, lo, hi, norm
                     ),
                     meta,
                     per_task_row_limit=per_task_row_limit,
@@ -206,36 +216,6 @@ def _prepare(
     return to_chw(images, flip_mask(seeds, spec.augment))
 
 
-def _decode_inst(
-    batch: dict[str, np.ndarray], spec: StreamSpec, size: int, normalize: bool = True
-) -> dict[str, np.ndarray]:
-    image = _prepare(list(batch["data"]), batch["seed"], batch["key"], spec, size, normalize)
-    return {
-        "image": image,
-        "label": batch["label"],
-        "idx": batch["idx"],
-        "epoch": batch["epoch"],
-        "step": batch["step"],
-    }
-
-
-def _decode_pair(
-    batch: dict[str, np.ndarray], spec: StreamSpec, size: int, normalize: bool = True
-) -> dict[str, np.ndarray]:
-    out = {
-        "label": batch["label"],
-        "idx1": batch["idx1"],
-        "idx2": batch["idx2"],
-        "epoch": batch["epoch"],
-        "step": batch["step"],
-    }
-    for j in ("1", "2"):
-        out["image" + j] = _prepare(
-            list(batch["data" + j]), batch["seed" + j], batch["key" + j], spec, size, normalize
-        )
-    return out
-
-
 def build_rank_dataset(
     spec: StreamSpec,
     kind: str,
@@ -244,36 +224,26 @@ def build_rank_dataset(
     read_cpus: float = 0.25,
     steps_per_task: int | None = None,
     concurrency: int | None = None,
-    normalize: bool = True,
+    normalize: bool = False,
 ) -> ray.data.Dataset:
-    """One rank's instance or pair dataset: read (raw records) -> decode + augment + normalise.
+    """One rank's instance or pair dataset: read tasks that read, decode and augment.
 
-    Read and decode ask for ``read_cpus`` each and fuse into one task per block of
-    ``steps_per_task`` steps (default: about 256 rows). ``normalize=False`` ships uint8
-    [B, 3, S, S] instead of float32 (4x fewer bytes through the object store) and
-    :func:`iter_dual_batches` normalises on the consumer's device, to the same values.
+    Each task asks for ``read_cpus`` and makes one block of ``steps_per_task`` steps (default:
+    about 256 rows). By default (``normalize=False``) the
+    blocks carry uint8 [B, 3, S, S] (4x fewer bytes through the object store and to the GPU
+    than float32) and :func:`iter_dual_batches` normalises on the consumer's device, to the
+    same values; ``normalize=True`` ships float32 normalised in the task.
     """
     if steps_per_task is None:
         rows = spec.instance_batch if kind == "inst" else spec.identity_batch
         steps_per_task = max(1, 256 // max(1, rows))
-    size = spec.store_handle().image_size
-    src = StorePlanDatasource(spec, kind, start_step, num_steps, steps_per_task)
+    spec.store_handle()  # a missing or broken store fails here, in the caller
+    src = StorePlanDatasource(spec, kind, start_step, num_steps, steps_per_task, normalize)
     # override_num_blocks = our task count: Ray Data would otherwise split small reads into
-    # more blocks, which also stops it from fusing read and decode into one task.
+    # more blocks than there are steps' worth of tasks
     n_tasks = len(_chunks(spec, int(start_step), int(num_steps), src.steps_per_task))
     ds = ray.data.read_datasource(
         src, num_cpus=read_cpus, concurrency=concurrency, override_num_blocks=max(1, n_tasks)
-    )
-    fn = _decode_inst if kind == "inst" else _decode_pair
-    ds = ds.map_batches(
-        fn,
-        batch_size=None,
-        batch_format="numpy",
-        zero_copy_batch=True,
-        fn_kwargs={"spec": spec, "size": size, "normalize": normalize},
-        num_cpus=read_cpus,
-        concurrency=concurrency,
-        udf_modifying_row_count=False,
     )
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
@@ -287,7 +257,7 @@ def build_stream_datasets(
     read_cpus: float = 0.25,
     steps_per_task: int | None = None,
     concurrency: int | None = None,
-    normalize: bool = True,
+    normalize: bool = False,
 ) -> dict[str, ray.data.Dataset]:
     """The datasets for ``TorchTrainer(datasets=...)``: ``inst_r<r>`` and ``pair_r<r>`` for every
     rank ``r < spec.world_size`` (a stream with batch 0 is left out).
@@ -377,14 +347,18 @@ def iter_dual_batches(
     pair_iter: Any | None,
     device: torch.device | str = "cpu",
     prefetch_batches: int = 2,
+    labels_on_cpu: bool = False,
 ) -> Iterator[DualBatch]:
     """Read a rank's two streams in lockstep into :class:`DualBatch` (x = I + III, y = II + IV).
 
     ``inst_iter`` / ``pair_iter``: Ray ``DataIterator`` (or ``Dataset``) of the two streams;
     ``None`` for a stream whose batch size is 0. ``prefetch_batches`` counts blocks. A step
-    whose two halves disagree on (epoch, step) raises instead of mixing steps.
+    whose two halves disagree on (epoch, step) raises instead of mixing steps. Images go to
+    ``device`` (uint8 blocks are normalised there); ``labels_on_cpu`` keeps the labels on the
+    host (the pool planner needs them there: no device-to-host sync per step).
     """
     dev = torch.device(device)
+    label_dev = torch.device("cpu") if labels_on_cpu else dev
     h, p = spec.half, spec.identity_batch
     inst = (
         _step_batches(inst_iter, spec.instance_batch, "instance", spec.rank, prefetch_batches)
@@ -428,9 +402,9 @@ def iter_dual_batches(
         x, y = np.concatenate(xs), np.concatenate(ys)  # copies: blocks are read-only
         yield DualBatch(
             _to_tensor(x, dev),
-            torch.from_numpy(np.concatenate(lxs)).to(dev),
+            torch.from_numpy(np.concatenate(lxs)).to(label_dev),
             _to_tensor(y, dev),
-            torch.from_numpy(np.concatenate(lys)).to(dev),
+            torch.from_numpy(np.concatenate(lys)).to(label_dev),
             int(where[0]),
             int(where[1]),
             np.concatenate(ixs),
@@ -460,3 +434,63 @@ def worker_dual_batches(
     inst = ray.train.get_dataset_shard(dataset_name("inst", rank)) if rs.half else None
     pair = ray.train.get_dataset_shard(dataset_name("pair", rank)) if rs.identity_batch else None
     return iter_dual_batches(rs, inst, pair, device, prefetch_batches)
+
+
+def iter_worker_steps(
+    cfg: Any,
+    shard_ids: list[int],
+    num_shards: int,
+    start_step: int,
+    num_steps: int,
+    device: torch.device | str = "cpu",
+    prefetch_batches: int = 2,
+) -> Iterator[tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]]:
+    """``(x, x labels, y, y labels)`` of a Ray Train worker for global steps ``[start_step,
+    start_step + num_steps)``, streamed by Ray Data from the store of ``cfg.data.source``.
+
+    The worker owns the logical data shards ``shard_ids`` of ``num_shards`` (one per worker
+    normally; several for the data-parallel emulation); each gets its instance and pair
+    datasets (uint8 through the object store, normalised on ``device``) and their batches are
+    concatenated in shard order, as the in-worker reader does. The datasets are built here, in
+    the worker, from the step it starts at, so a worker restarted from a checkpoint streams
+    from exactly that step (no replay of what came before).
+    """
+    specs = [StreamSpec.from_config(cfg, world_size=num_shards, rank=s) for s in shard_ids]
+    spe = min(sp.steps_per_epoch() for sp in specs)
+    streams = []
+    for sp in specs:
+        kw = {"read_cpus": float(cfg.data.read_cpus), "normalize": False}
+        inst = build_rank_dataset(sp, "inst", num_steps, start_step, **kw) if sp.half else None
+        pair = (
+            build_rank_dataset(sp, "pair", num_steps, start_step, **kw)
+            if sp.identity_batch
+            else None
+        )
+        streams.append(
+            iter_dual_batches(sp, inst, pair, device, prefetch_batches, labels_on_cpu=True)
+        )
+    for g in range(int(start_step), int(start_step) + int(num_steps)):
+        want = divmod(g, spe)
+        parts = []
+        for sp, it in zip(specs, streams):
+            b = next(it, None)
+            if b is None:
+                raise RuntimeError(
+                    f"{sp.store}: the Ray Data stream of shard {sp.rank} ended before step {g}"
+                )
+            if (b.epoch, b.step) != want:
+                raise RuntimeError(
+                    f"{sp.store}: shard {sp.rank} streamed (epoch, step) {(b.epoch, b.step)} "
+                    f"where global step {g} is {want}"
+                )
+            parts.append(b)
+        if len(parts) == 1:
+            b = parts[0]
+            yield b.x, b.lx.numpy(), b.y, b.ly.numpy()
+        else:
+            yield (
+                torch.cat([b.x for b in parts]),
+                np.concatenate([b.lx.numpy() for b in parts]),
+                torch.cat([b.y for b in parts]),
+                np.concatenate([b.ly.numpy() for b in parts]),
+            )

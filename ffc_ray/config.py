@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -53,6 +54,10 @@ class DataConfig:
     flip: bool = True
     seed: int = 0
     read_cpus: float = 0.25  # Ray Data: CPU fraction per read / decode task (2-core machines)
+    # store sources in Ray Train: "ray_data" streams the LMDB shards through Ray Data read /
+    # decode tasks into each worker (uint8 through the object store, normalised on the worker's
+    # device); "reader" decodes in the worker process itself (same rows, same values)
+    loader: str = "ray_data"
 
     @property
     def view_batch(self) -> int:
@@ -302,6 +307,7 @@ def validate(cfg: Config) -> None:
         (d.identity_batch >= 0, "data.identity_batch", "must be >= 0"),
         (d.view_batch >= 2, "data.identity_batch", "a view needs at least 2 images per step"),
         (0 < d.read_cpus <= 16, "data.read_cpus", "must be in (0, 16]"),
+        (d.loader in ("ray_data", "reader"), "data.loader", "must be 'ray_data' or 'reader'"),
         (cfg.model.embedding_dim > 0, "model.embedding_dim", "must be > 0"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (h.margin >= 0, "head.margin", f"{h.margin} is negative"),
@@ -361,11 +367,38 @@ def validate(cfg: Config) -> None:
         raise _err(
             "head.margin", f"{h.margin_type} takes an integer multiplicative margin >= 1 (e.g. 4)"
         )
+    _check_location("ray.storage_path", r.storage_path)
+    _check_location("data.source", d.source)
+    for i, spec in enumerate(e.pairs):
+        _check_location(f"eval.pairs[{i}]", spec)
     if d.source == "synthetic":
         total = d.num_identities
         if d.identity_batch > total:
             raise _err("data.identity_batch", f"{d.identity_batch} exceeds the {total} identities")
         cfg.check_pool_fits(total)
+
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://(.*)$")
+
+
+def _check_location(key: str, value: str | None) -> None:
+    """A path or a URI (``s3://bucket/x``, ``gs://...``, ``file:///abs``; resolved later by
+    :mod:`ffc_ray.storage` through pyarrow): URIs need something after ``scheme://``, and
+    ``file://`` URIs an absolute path."""
+    if not value:
+        return
+    m = _URI.match(value)
+    if m is None:
+        if "://" in value:
+            raise _err(key, f"{value!r}: malformed URI (expected scheme://...)")
+        return
+    sch, rest = m.group(1).lower(), m.group(2)
+    if not rest.strip("/"):
+        raise _err(key, f"{value!r}: the URI names no bucket or path")
+    if sch == "file" and not rest.startswith("/"):
+        raise _err(key, f"{value!r}: file URIs need an absolute path (file:///abs/path)")
+    if any(c.isspace() for c in value):
+        raise _err(key, f"{value!r}: a URI must not contain spaces")
 
 
 # ------------------------------------------------------------------------------------------

@@ -89,8 +89,9 @@ class StreamSpec:
     ) -> StreamSpec:
         """From a :class:`ffc_ray.config.Config` (``data.source`` is the store path)."""
         d = cfg.data
+        src = str(store or d.source)
         return cls(
-            store=str(Path(store or d.source).absolute()),
+            store=src if "://" in src else str(Path(src).absolute()),  # URIs: see store_handle
             instance_batch=int(d.instance_batch),
             identity_batch=int(d.identity_batch),
             seed=int(d.seed),
@@ -111,6 +112,8 @@ class StreamSpec:
         return self.half + self.identity_batch
 
     def store_handle(self) -> FaceStore:
+        """The opened store; a URI (``s3://...``) is synced to this node's cache first, once per
+        node (:func:`ffc_ray.storage.cached_store`), so read tasks on any node can open it."""
         return open_store(self.store)
 
     def sampler(self):

@@ -653,7 +653,27 @@ def open_store(path: str | Path, check_shards: bool = True) -> FaceStore:
     Checks: ``meta.json`` present and complete, index checksum, index columns, label and shard
     ranges, row count, and (``check_shards``) that every shard opens, is not truncated and
     holds exactly as many records as the index lists for it.
+
+    ``path`` may be a URI (``s3://bucket/stores/x``, ``gs://...``, ``file://...``): the store is
+    first copied to this node's cache (:func:`ffc_ray.storage.cached_store`: once per node,
+    under a file lock, again when the remote ``meta.json`` changes) and opened from there.
     """
+    from ffc_ray import storage
+
+    if storage.is_uri(path):
+        uri = str(path)
+        try:
+            local = storage.cached_store(uri)
+        except storage.StorageError as exc:
+            raise StoreError(str(exc)) from exc
+        try:
+            return _open_local_store(local, check_shards)
+        except StoreError as exc:
+            raise StoreError(f"store {uri} (node cache {local}): {exc}") from exc
+    return _open_local_store(path, check_shards)
+
+
+def _open_local_store(path: str | Path, check_shards: bool = True) -> FaceStore:
     import pyarrow.parquet as pq
 
     path = Path(path).absolute()

@@ -20,6 +20,13 @@ Why this shape (RAY_NOTES.md 2.1, 6):
   multi-objective mode, ``tb/`` (one TensorBoard run per trial with curves and an hparams session;
   the experiment summary at ``tb/`` itself), ``optuna.db``, ``train/train-<trial>/`` (the Ray
   Train runs: checkpoints, their own TensorBoard logs, progress files) and Tune's own files.
+* ``storage`` may be a bucket URI (``s3://``, ``gs://``, any pyarrow filesystem URI): Tune and
+  the trials' Train runs (``ray.storage_path = <exp URI>/train``) write there natively; the
+  sweep's own files are staged in ``<train.output_dir>/sweeps/<name>`` and uploaded
+  (:func:`push_sweep`) whenever a trial ends and at the end. The SQLite study cannot live in a
+  bucket: unless ``tune.storage`` names a database, it stays in the staging folder and a
+  consistent copy (SQLite backup API) is uploaded with the rest; ``--resume`` fetches it when
+  the staging folder lacks it (:func:`pull_sweep`).
 * ``resume=True`` restores the Tuner from the experiment folder: finished trials are kept,
   unfinished and errored ones continue (their Train runs resume from their checkpoints, Train V2
   restores by run name), the Optuna study continues.
@@ -47,6 +54,7 @@ from ray.train import UserCallback
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
+from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
 from ffc_ray.ray.sweep_results import (
     BEST_CONFIG,
@@ -115,17 +123,28 @@ class SweepReportCallback(UserCallback):
 
 
 def trial_config(
-    spec: SweepSpec, values: Mapping[str, Any], exp_dir: str | Path, trial_id: str
+    spec: SweepSpec,
+    values: Mapping[str, Any],
+    exp_dir: str | Path,
+    trial_id: str,
+    staging: str | Path | None = None,
 ) -> Config:
-    """The training config of a trial: its Train run lives in ``<exp>/train/train-<trial>``."""
+    """The training config of a trial: its Train run lives in ``<exp>/train/train-<trial>``.
+
+    ``exp_dir`` may be a URI (remote sweep storage): the trial's ``ray.storage_path`` is then
+    ``<exp URI>/train`` and its files are staged in ``<staging>/train`` (the sweep's local
+    staging folder) before they are uploaded."""
     cfg = spec.trial_config(values)
-    return cfg.with_overrides(
-        {
-            "train.name": train_run_name(trial_id),
-            "ray.storage_path": str(Path(exp_dir) / TRAIN_DIR),
-            "ray.address": None,
-        }
-    )
+    over: dict[str, Any] = {
+        "train.name": train_run_name(trial_id),
+        "ray.storage_path": storage.join(exp_dir, TRAIN_DIR)
+        if storage.is_uri(exp_dir)
+        else str(Path(exp_dir) / TRAIN_DIR),
+        "ray.address": None,
+    }
+    if storage.is_uri(exp_dir) and staging is not None:
+        over["train.output_dir"] = str(Path(staging) / TRAIN_DIR)
+    return cfg.with_overrides(over)
 
 
 def train_run_name(trial_id: str) -> str:
@@ -154,7 +173,9 @@ def fit_training(cfg: Config, name: str, callbacks: Sequence[Any]) -> Any:
     return rt.run_training(cfg, name=name, callbacks=list(callbacks))
 
 
-def trial_driver(config: dict[str, Any], spec: SweepSpec, exp_dir: str) -> None:
+def trial_driver(
+    config: dict[str, Any], spec: SweepSpec, exp_dir: str, staging: str | None = None
+) -> None:
     """The Tune function trainable: one Train run for the sampled ``config``."""
     import ray.tune
 
@@ -162,7 +183,7 @@ def trial_driver(config: dict[str, Any], spec: SweepSpec, exp_dir: str) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     values = {p.key: config[p.key] for p in spec.params}
-    cfg = trial_config(spec, values, exp_dir, trial_id)
+    cfg = trial_config(spec, values, exp_dir, trial_id, staging)
     name = train_run_name(trial_id)
     static = {
         "head_memory_mb": head_memory_mb(cfg, rt.num_training_classes(cfg)),
@@ -206,9 +227,10 @@ class SweepProgress(Callback):
     a resume includes the restored trials, so the files always describe the whole sweep.
     """
 
-    def __init__(self, spec: SweepSpec, exp_dir: str) -> None:
+    def __init__(self, spec: SweepSpec, exp_dir: str, exp_uri: str | None = None) -> None:
         self.spec = spec
         self.exp_dir = Path(exp_dir)
+        self.exp_uri = exp_uri  # remote experiment folder: staged files uploaded at trial ends
         self.tb = SweepTensorBoard(spec, self.exp_dir / TB_DIR)
         self._t0 = time.time()
         self._last_write = 0.0
@@ -295,12 +317,19 @@ class SweepProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trials, trial, errored=False)
+        self._push()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trials, trial, errored=True)
+        self._push()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.tb.close()
+        self._push()
+
+    def _push(self) -> None:
+        if self.exp_uri:  # (the ended trial's TensorBoard writer is closed, so flushed)
+            push_sweep(self.exp_dir, self.exp_uri)
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -370,7 +399,7 @@ def build_searcher(spec: SweepSpec, exp_dir: Path, study_name: str) -> Any:
     objs = objectives_of(spec)
     startup = min(10, max(2, spec.tune.num_samples // 2))
     sampler = optuna.samplers.TPESampler(seed=spec.tune.seed, n_startup_trials=startup)
-    storage = optuna.storages.RDBStorage(optuna_storage_url(spec, exp_dir))
+    rdb = optuna.storages.RDBStorage(optuna_storage_url(spec, exp_dir))
     if spec.tune.multi_objective:
         metric: Any = [o.metric for o in objs]
         mode: Any = [o.mode for o in objs]
@@ -383,7 +412,7 @@ def build_searcher(spec: SweepSpec, exp_dir: Path, study_name: str) -> Any:
         points_to_evaluate=spec.initial_points() or None,
         sampler=sampler,
         study_name=study_name,
-        storage=storage,
+        storage=rdb,
     )
 
 
@@ -536,6 +565,7 @@ class SweepOutcome:
     wall_s: float
     num_errors: int = 0
     spec: SweepSpec | None = None  # the sweep as run (name, resolved paths)
+    exp_uri: str | None = None  # remote experiment folder (exp_dir is then its local staging)
 
     @property
     def results_csv(self) -> Path:
@@ -549,9 +579,89 @@ class SweepOutcome:
 def experiment_dir(
     spec: SweepSpec, storage: str | Path | None = None, name: str | None = None
 ) -> Path:
-    """``<storage>/<name>``; storage defaults to ``<train.output_dir>/sweeps``."""
+    """``<storage>/<name>``; storage defaults to ``<train.output_dir>/sweeps``. With a URI
+    storage (:func:`experiment_uri`), the local staging folder
+    ``<train.output_dir>/sweeps/<name>`` where the sweep's own files are written first."""
+    if storage and storage_is_remote(storage):
+        storage = None
     root = Path(storage) if storage else Path(spec.base.train.output_dir) / "sweeps"
     return root.expanduser().resolve() / (name or spec.name)
+
+
+def storage_is_remote(storage_path: str | Path | None) -> bool:
+    return storage_path is not None and storage.is_uri(storage_path)
+
+
+def experiment_uri(
+    spec: SweepSpec, storage_path: str | Path | None = None, name: str | None = None
+) -> str | None:
+    """``<storage URI>/<name>`` for a URI ``--storage`` (``s3://``, ``gs://``, ...); else None."""
+    if not storage_is_remote(storage_path):
+        return None
+    return storage.join(str(storage_path), name or spec.name)
+
+
+#: the sweep's own files in a remote experiment (Tune's and the trials' are written by Ray)
+STAGED_FILES = (SPEC_FILE, RESULTS_CSV, RESULTS_MD, BEST_CONFIG, PARETO_CSV, PARETO_MD)
+
+
+def _sqlite_snapshot(db: Path, out: Path) -> None:
+    """A consistent copy of a live SQLite file (the backup API, not a byte copy)."""
+    import sqlite3
+
+    src = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        dst = sqlite3.connect(str(out))
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
+def push_sweep(exp_dir: Path, exp_uri: str) -> None:
+    """Upload the sweep's staged files (tables, best config, Pareto configs, ``tb/``, a
+    snapshot of ``optuna.db``) to ``exp_uri``; failures are logged, not raised."""
+    import tempfile
+
+    def skip(rel: str) -> bool:
+        top = rel.split("/", 1)[0]
+        return top == TRAIN_DIR or top.startswith(OPTUNA_FILE)  # trials upload their own
+
+    try:
+        if exp_dir.is_dir():
+            storage.upload_dir(exp_dir, exp_uri, exclude=skip)
+        db = exp_dir / OPTUNA_FILE
+        if db.is_file():
+            with tempfile.TemporaryDirectory(prefix="ffc-optuna-") as tmp:
+                snap = Path(tmp) / OPTUNA_FILE
+                _sqlite_snapshot(db, snap)
+                storage.upload_file(snap, storage.join(exp_uri, OPTUNA_FILE))
+    except (storage.StorageError, OSError) as exc:
+        log.warning("could not upload the sweep files to %s: %s", exp_uri, exc)
+
+
+def pull_sweep(exp_dir: Path, exp_uri: str, need_optuna: bool) -> None:
+    """For ``--resume`` of a remote sweep: fetch the staged files this node lacks. A local
+    ``optuna.db`` (the live study of a driver that ran here) wins over the uploaded copy."""
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    for name in (*STAGED_FILES, OPTUNA_FILE):
+        local = exp_dir / name
+        remote = storage.join(exp_uri, name)
+        if local.exists() or not storage.is_file(remote):
+            continue
+        storage.download_file(remote, local)
+    for folder in (TB_DIR, PARETO_CONFIGS):
+        remote = storage.join(exp_uri, folder)
+        if not (exp_dir / folder).exists() and storage.is_dir(remote):
+            storage.download_dir(remote, exp_dir / folder)
+    if need_optuna and not (exp_dir / OPTUNA_FILE).is_file():
+        raise ConfigError(
+            f"cannot resume {exp_uri}: its Optuna study copy {OPTUNA_FILE} is missing there "
+            f"and in the staging folder {exp_dir} (set tune.storage to the study's database "
+            "URL if it was kept elsewhere)"
+        )
 
 
 def run_sweep(
@@ -576,12 +686,15 @@ def run_sweep(
     spec = resolve_spec_paths(spec)
     preflight(spec)
     exp_dir = experiment_dir(spec, storage)
+    exp_uri = experiment_uri(spec, storage)
     url = optuna_storage_url(spec, exp_dir)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # completed trials saved promptly
     if verbose == 0:  # Tune's new console output prints its header (and a TB path) even then
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-    if resume:
+    if exp_uri is not None:
+        _prepare_remote_sweep(spec, exp_dir, exp_uri, resume)
+    elif resume:
         if not (exp_dir.is_dir() and tune.Tuner.can_restore(str(exp_dir))):
             raise ConfigError(f"nothing to resume: {exp_dir} holds no Tune experiment")
     elif exp_dir.exists() and any(exp_dir.iterdir()):
@@ -604,13 +717,23 @@ def run_sweep(
             )
             old_record.rename(exp_dir / f"sweep.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     old_record.write_text(yaml.safe_dump(record, sort_keys=False))
+    if exp_uri is not None:
+        push_sweep(exp_dir, exp_uri)  # the record (and a first study snapshot) up front
 
     ensure_sweep_ray(address, num_cpus, log_to_driver)
+    from ffc_ray.ray.train import check_data_cpus
+
+    check_data_cpus(spec.base, int(spec.tune.max_concurrent or 1), float(spec.tune.trial_cpus))
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, spec=spec, exp_dir=str(exp_dir)),
+        tune.with_parameters(
+            trial_driver,
+            spec=spec,
+            exp_dir=exp_uri or str(exp_dir),
+            staging=str(exp_dir) if exp_uri else None,
+        ),
         {"cpu": float(spec.tune.trial_cpus)},
     )
-    progress = SweepProgress(spec, str(exp_dir))
+    progress = SweepProgress(spec, str(exp_dir), exp_uri)
     if not resume:
         progress.tb.write_experiment()
         tuner = tune.Tuner(
@@ -625,7 +748,7 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
-                storage_path=str(exp_dir.parent),
+                storage_path=str(storage) if exp_uri else str(exp_dir.parent),
                 callbacks=[progress, SweepTrialTensorBoardOff()],
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=verbose,
@@ -639,15 +762,55 @@ def run_sweep(
             ", ".join(f"{o.metric} ({o.mode})" for o in objectives_of(spec)),
             "off" if build_scheduler(spec) is None else dict(spec.tune.asha or {}),
             url,
-            exp_dir,
+            exp_uri or exp_dir,
         )
     else:
-        log.info("sweep %s: resuming %s", spec.name, exp_dir)
+        log.info("sweep %s: resuming %s", spec.name, exp_uri or exp_dir)
         tuner = tune.Tuner.restore(
-            str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
+            exp_uri or str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
         )
     grid = tuner.fit()
-    return write_outputs(spec, exp_dir, grid, url, time.time() - t0)
+    return write_outputs(spec, exp_dir, grid, url, time.time() - t0, exp_uri)
+
+
+def _prepare_remote_sweep(spec: SweepSpec, exp_dir: Path, exp_uri: str, resume: bool) -> None:
+    """Checks and staging for a sweep stored at a URI (Optuna study: see the README).
+
+    New sweep: the remote folder must be empty; a leftover staging folder of the same name is
+    moved aside. ``resume``: Tune must find the experiment at the URI; the staged files are
+    fetched where this node lacks them (:func:`pull_sweep`)."""
+    import ray.tune as tune
+
+    if spec.tune.storage and spec.tune.storage.startswith("sqlite"):
+        log.warning(
+            "tune.storage %s is a SQLite file with remote sweep storage %s: only this node "
+            "sees it (use a PostgreSQL / MySQL URL to share the study)",
+            spec.tune.storage,
+            exp_uri,
+        )
+    try:
+        empty = storage.is_empty_dir(exp_uri)
+    except storage.StorageError as exc:
+        raise ConfigError(f"--storage: {exc}") from exc
+    if resume:
+        if empty or not tune.Tuner.can_restore(exp_uri):
+            raise ConfigError(f"nothing to resume: {exp_uri} holds no Tune experiment")
+        pull_sweep(exp_dir, exp_uri, need_optuna=not spec.tune.storage)
+        return
+    if not empty:
+        raise ConfigError(
+            f"experiment folder {exp_uri} already exists: continue it with "
+            "--resume, or choose another --name / --storage"
+        )
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        aside = exp_dir.with_name(f"{exp_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning(
+            "%s: staging folder of an earlier sweep, but %s is new: moved to %s",
+            exp_dir,
+            exp_uri,
+            aside,
+        )
+        exp_dir.rename(aside)
 
 
 def _spec_record(spec: SweepSpec) -> dict[str, Any]:
@@ -687,9 +850,15 @@ def rows_from_grid(spec: SweepSpec, grid: Any) -> list[dict[str, Any]]:
 
 
 def write_outputs(
-    spec: SweepSpec, exp_dir: Path, grid: Any, url: str, wall_s: float
+    spec: SweepSpec,
+    exp_dir: Path,
+    grid: Any,
+    url: str,
+    wall_s: float,
+    exp_uri: str | None = None,
 ) -> SweepOutcome:
-    """Final table, best config (and Pareto front), hparams for trials the callback missed."""
+    """Final table, best config (and Pareto front), hparams for trials the callback missed;
+    with ``exp_uri`` (remote storage) the staged files are uploaded there at the end."""
     rows = rows_from_grid(spec, grid)
     objs = objectives_of(spec)
     write_table(
@@ -740,13 +909,15 @@ def write_outputs(
             _config_header(spec, rows[best_i], objs, "best on " + objs[0].metric + " of"),
         )
     num_errors = sum(r["status"] == STATUS_ERROR for r in rows)
+    if exp_uri is not None:
+        push_sweep(exp_dir, exp_uri)
     log.info(
         "sweep %s finished in %.1f s: %d trials, %d errors, results in %s",
         spec.name,
         wall_s,
         len(rows),
         num_errors,
-        exp_dir,
+        exp_uri or exp_dir,
     )
     return SweepOutcome(
         name=spec.name,
@@ -760,6 +931,7 @@ def write_outputs(
         wall_s=wall_s,
         num_errors=num_errors,
         spec=spec,
+        exp_uri=exp_uri,
     )
 
 

@@ -4,7 +4,11 @@ Runs a Ray Tune + Optuna sweep (:mod:`ffc_ray.ray.sweep`) described by a sweep f
 ``sweeps/``), then prints the results table, the best config (ready for ``ffc-ray train``), the
 Pareto front in multi-objective mode, and the TensorBoard command. The experiment folder is
 ``<storage>/<name>`` (default ``<train.output_dir>/sweeps/<sweep name>``, i.e. ``runs/sweeps``);
-``--resume`` continues a sweep whose driver died, keeping its finished trials.
+``--resume`` continues a sweep whose driver died, keeping its finished trials. ``--storage`` may
+be a bucket URI (``s3://bucket/sweeps``, ``gs://...``): Tune and the trials' Train runs write
+there natively, the sweep's own files (tables, best config, ``tb/``, a copy of the SQLite Optuna
+study unless ``tune.storage`` names a database) are staged in
+``<train.output_dir>/sweeps/<name>`` and uploaded whenever a trial ends and at the end.
 Exit codes: 0 done, 1 no trial produced the objective, 2 invalid sweep or arguments.
 """
 
@@ -36,8 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         default=None,
-        help="folder holding experiment folders (default: <train.output_dir>/"
-        "sweeps); shared storage on a multi-node cluster",
+        help="folder or bucket URI (s3://..., gs://...) holding experiment folders "
+        "(default: <train.output_dir>/sweeps); shared storage on a multi-node cluster",
     )
     parser.add_argument(
         "--set",
@@ -92,6 +96,8 @@ def print_summary(outcome: Any, spec: Any) -> None:
     for r in outcome.rows:
         if r.get("error"):
             print(f"trial {r['trial']} failed: {r['error']}  (see {outcome.exp_dir / r['trial']})")
+    if getattr(outcome, "exp_uri", None):
+        print(f"experiment:  {outcome.exp_uri}  (local staging {outcome.exp_dir})")
     print(f"results:     {outcome.results_md}  (and {outcome.results_csv.name})")
     if outcome.pareto:
         n = len(outcome.pareto)

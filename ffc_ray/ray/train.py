@@ -31,6 +31,7 @@ import random
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
 from ffc_ray.data.types import FaceArrays, VerificationSet
 from ffc_ray.ray import dist as rdist
@@ -69,14 +71,21 @@ def load_train_arrays(cfg: Config) -> FaceArrays:
 
 
 def _open_train_store(cfg: Config) -> Any:
-    from ffc_ray.data.store import open_store
+    """The training store; a URI source is synced to this node's cache first."""
+    from ffc_ray.data.store import StoreError, open_store
 
-    if not Path(cfg.data.source).exists():
-        raise ConfigError(
-            f"config field 'data.source': store {cfg.data.source} does not exist "
-            "(write one with `ffc-ray data import`)"
-        )
-    store = open_store(cfg.data.source)
+    if storage.is_uri(cfg.data.source):
+        try:
+            store = open_store(cfg.data.source)
+        except StoreError as exc:
+            raise ConfigError(f"config field 'data.source': {exc}") from exc
+    else:
+        if not Path(cfg.data.source).exists():
+            raise ConfigError(
+                f"config field 'data.source': store {cfg.data.source} does not exist "
+                "(write one with `ffc-ray data import`)"
+            )
+        store = open_store(cfg.data.source)
     if store.image_size != cfg.data.image_size:
         raise ConfigError(
             f"config field 'data.image_size': {cfg.data.image_size} but the store "
@@ -108,7 +117,7 @@ def load_eval_sets(cfg: Config) -> list[VerificationSet]:
         else:
             from ffc_ray.data.pairs import load_pairs
 
-            vset = load_pairs(spec, image_size=cfg.data.image_size)
+            vset = load_pairs(_local_pairs(spec, i), image_size=cfg.data.image_size)
             if vset.left.shape[1] != cfg.data.image_size:
                 raise ConfigError(
                     f"config field 'eval.pairs[{i}]': {spec} holds "
@@ -119,6 +128,16 @@ def load_eval_sets(cfg: Config) -> list[VerificationSet]:
     return out
 
 
+def _local_pairs(spec: str, i: int) -> str | Path:
+    """A verification file's local path: a URI is copied to this node's cache first."""
+    if not storage.is_uri(spec):
+        return spec
+    try:
+        return storage.cached_file(spec)
+    except storage.StorageError as exc:
+        raise ConfigError(f"config field 'eval.pairs[{i}]': {exc}") from exc
+
+
 def check_eval_sets(cfg: Config) -> None:
     """Fail before training when an ``eval.pairs`` entry cannot be found."""
     for i, spec in enumerate(cfg.eval.pairs):
@@ -126,6 +145,21 @@ def check_eval_sets(cfg: Config) -> None:
             if cfg.data.source != "synthetic":
                 raise ConfigError(
                     f"config field 'eval.pairs[{i}]': 'synthetic' needs data.source: synthetic"
+                )
+        elif storage.is_uri(spec):
+            if not spec.split("?")[0].endswith((".npz", ".bin")):
+                raise ConfigError(
+                    f"config field 'eval.pairs[{i}]': {spec}: a verification set at a URI "
+                    "must be one .npz (ffc-ray data pairs) or .bin file"
+                )
+            try:
+                found = storage.is_file(spec)
+            except storage.StorageError as exc:
+                raise ConfigError(f"config field 'eval.pairs[{i}]': {exc}") from exc
+            if not found:
+                raise ConfigError(
+                    f"config field 'eval.pairs[{i}]': {spec} does not exist (or this node's "
+                    "credentials may not read it)"
                 )
         elif not Path(spec).exists():
             raise ConfigError(
@@ -242,6 +276,25 @@ class WorkerData:
             lxs.append(self.arrays.labels[xi])
             lys.append(self.arrays.labels[yi])
         return np.concatenate(xs), np.concatenate(lxs), np.concatenate(ys), np.concatenate(lys)
+
+    def iter_batches(
+        self, start: int, stop: int, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[Any, np.ndarray, Any, np.ndarray]]:
+        """:meth:`batch` for the global steps ``start .. stop - 1``.
+
+        A store with ``data.loader: ray_data`` (the default) is streamed by Ray Data read /
+        decode tasks (:func:`ffc_ray.data.stream.iter_worker_steps`, the same rows and values
+        as the in-worker reader); otherwise the batches are made here, step by step.
+        """
+        if self.readers and self.cfg.data.loader == "ray_data" and stop > start:
+            from ffc_ray.data.stream import iter_worker_steps
+
+            yield from iter_worker_steps(
+                self.cfg, self.shard_ids, self.num_shards, start, stop - start, device
+            )
+            return
+        for step in range(start, stop):
+            yield self.batch(step)
 
     def labels(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Only the (x, y) labels of ``step`` (no image work; for replays)."""
@@ -510,9 +563,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = Config.from_dict(loop_config["config"])
     extra: dict[str, Any] = dict(loop_config.get("extra") or {})
     run_dir = Path(loop_config["run_dir"])
+    run_uri: str | None = loop_config.get("run_uri")
     actor = loop_config.get("actor")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if run_uri:  # remote run folder: files are written to this node's staging, then uploaded
+        run_dir = staging_dir(run_dir, run_uri)
+        if rank == 0:
+            pull_progress(run_dir, run_uri)
     device = _worker_device(cfg)
     torch.manual_seed(cfg.train.seed * 1009 + rank)
     np.random.seed((cfg.train.seed * 1009 + rank) % 2**32)
@@ -618,8 +676,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     stop_after = extra.get("stop_after_step")
     summary: dict[str, Any] = {"start_step": start}
 
-    for step in range(start, steps):
-        x, lx, y, ly = data.batch(step)
+    for x, lx, y, ly in data.iter_batches(start, steps, device):
         if planner is not None:
             planner.step = trainer.step
             planner.prefetch(lx, ly)  # the round trip overlaps the EMA and G-Net forward
@@ -670,6 +727,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else:
             ray.train.report(report)
         logger.flush()
+        if want_ckpt and run_uri and rank == 0:
+            push_run_dir(run_dir, run_uri)
         if stop_now and not final:
             log.info("stopping after step %d (stop_after_step)", done)
             summary["stopped_at"] = done
@@ -694,6 +753,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 {k: v for k, v in last_eval.items() if "/" in k} or {"loss": 0.0},
             )
         logger.close()
+        if run_uri:
+            push_run_dir(run_dir, run_uri)
     return summary if rank == 0 else None
 
 
@@ -755,13 +816,23 @@ def _report_with_checkpoint(
 
 @dataclass
 class TrainRun:
-    """What :func:`run_training` returns: the Ray ``Result``, names and folders."""
+    """What :func:`run_training` returns: the Ray ``Result``, names and folders.
+
+    ``run_dir`` is local: the run folder itself, or with a URI ``ray.storage_path`` the
+    driver's staging copy (``<train.output_dir>/<name>``); ``run_uri`` is then the remote run
+    folder (checkpoints, and the uploaded config, progress and TensorBoard files)."""
 
     result: Any
     name: str
     storage_path: Path
     run_dir: Path
     actor: Any | None = None
+    run_uri: str | None = None
+
+    @property
+    def location(self) -> str:
+        """Where the run lives: the URI, or the local run folder."""
+        return self.run_uri or str(self.run_dir)
 
     @property
     def summary(self) -> dict[str, Any] | None:
@@ -778,9 +849,119 @@ def default_run_name(cfg: Config, config_path: str | Path | None = None) -> str:
     return f"ffc_ray-{cfg.head.type}"
 
 
+def remote_storage(cfg: Config) -> str | None:
+    """``ray.storage_path`` when it is a URI (``s3://``, ``gs://``, ``file://``...), else None."""
+    p = cfg.ray.storage_path
+    return p if p and storage.is_uri(p) else None
+
+
 def storage_root(cfg: Config) -> Path:
-    """``ray.storage_path`` or ``train.output_dir``, made absolute (local or shared mount)."""
+    """The local root of run folders: ``ray.storage_path`` or ``train.output_dir``, made
+    absolute (local or shared mount). With a URI ``ray.storage_path`` it is the local staging
+    root ``train.output_dir``, where run files are written before they are uploaded."""
+    if remote_storage(cfg):
+        return Path(cfg.train.output_dir).expanduser().resolve()
     return Path(cfg.ray.storage_path or cfg.train.output_dir).expanduser().resolve()
+
+
+def storage_location(cfg: Config) -> str:
+    """What Ray Train gets as ``RunConfig(storage_path=...)``: the URI or the local root."""
+    return remote_storage(cfg) or str(storage_root(cfg))
+
+
+RUN_FILES_FETCHED = ("progress.jsonl",)  # what a resumed run needs back from the remote
+
+
+def staging_dir(run_dir: str | Path, run_uri: str) -> Path:
+    """This node's staging folder of a remote run: ``run_dir`` (the driver's
+    ``<train.output_dir>/<name>``), or the node cache when that path cannot be created here."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    except OSError as exc:
+        alt = storage.local_cache_dir(run_uri) / "staging"
+        log.warning("cannot create the staging folder %s here (%s); using %s", run_dir, exc, alt)
+        alt.mkdir(parents=True, exist_ok=True)
+        return alt
+
+
+def pull_progress(run_dir: Path, run_uri: str) -> None:
+    """Fetch the remote ``progress.jsonl`` when it holds more than the staging copy (a resume
+    on a node that did not run the earlier attempts)."""
+    for name in RUN_FILES_FETCHED:
+        remote = storage.join(run_uri, name)
+        local = run_dir / name
+        try:
+            size = storage.file_size(remote)
+            if size is None or (local.is_file() and local.stat().st_size >= size):
+                continue
+            storage.download_file(remote, local)
+        except storage.StorageError as exc:
+            log.warning("could not fetch %s: %s", remote, exc)
+
+
+def push_run_dir(run_dir: Path, run_uri: str) -> None:
+    """Upload the staging folder (config, progress, TensorBoard, pid files) to ``run_uri``;
+    a failure is logged, not raised (the checkpoints are Ray's and already persisted)."""
+    try:
+        storage.upload_dir(run_dir, run_uri)
+    except storage.StorageError as exc:
+        log.warning("could not upload the run files to %s: %s", run_uri, exc)
+
+
+def _prepare_local_run(cfg: Config, run_dir: Path, name: str) -> None:
+    """Driver side of a local run: the run folder, the config compared and written."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / CONFIG_FILE
+    if cfg_file.is_file():
+        from ffc_ray.config import load_config
+
+        try:
+            old = load_config(cfg_file)
+            if old != cfg:
+                log.warning(
+                    "%s: resuming run %r with a different config than before", cfg_file, name
+                )
+        except ConfigError:
+            log.warning("%s: previous config unreadable, overwritten", cfg_file)
+    cfg.save(cfg_file)
+
+
+def _prepare_remote_run(cfg: Config, run_dir: Path, run_uri: str, name: str) -> None:
+    """Driver side of a remote run: a stale staging folder of another run is moved aside, the
+    remote config compared and the new one uploaded."""
+    try:
+        fresh = storage.is_empty_dir(run_uri)
+    except storage.StorageError as exc:
+        raise ConfigError(f"config field 'ray.storage_path': {exc}") from exc
+    if fresh and run_dir.is_dir() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning(
+            "%s: staging folder of an earlier run, but %s is new: moved to %s",
+            run_dir,
+            run_uri,
+            aside,
+        )
+        run_dir.rename(aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remote_cfg = storage.join(run_uri, CONFIG_FILE)
+    if not fresh and storage.is_file(remote_cfg):
+        import yaml
+
+        try:
+            old = Config.from_dict(yaml.safe_load(storage.read_text(remote_cfg)))
+            if old != cfg:
+                log.warning(
+                    "%s: resuming run %r with a different config than before", remote_cfg, name
+                )
+        except (ConfigError, yaml.YAMLError, storage.StorageError):
+            log.warning("%s: previous config unreadable, overwritten", remote_cfg)
+    cfg.save(run_dir / CONFIG_FILE)
+    try:
+        storage.upload_file(run_dir / CONFIG_FILE, remote_cfg)
+    except storage.StorageError as exc:
+        raise ConfigError(f"config field 'ray.storage_path': {exc}") from exc
 
 
 def _check_name(name: str) -> str:
@@ -815,6 +996,31 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(configure_logging=False)
 
 
+def check_data_cpus(cfg: Config, concurrent_runs: int = 1, per_run_extra_cpus: float = 0.0) -> None:
+    """Raise if Ray Data's read / decode tasks could never get a CPU next to the workers.
+
+    With ``data.loader: ray_data`` each worker streams its store through tasks of
+    ``data.read_cpus`` CPU; if the training workers (times the runs that share the cluster,
+    e.g. concurrent sweep trials, plus their drivers) hold every CPU, those tasks wait forever
+    and the run hangs (RAY_NOTES 6). Checked against ``ray.cluster_resources()`` before start.
+    """
+    import ray
+
+    d, r = cfg.data, cfg.ray
+    if d.source == "synthetic" or d.loader != "ray_data":
+        return
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    held = concurrent_runs * (r.num_workers * r.cpus_per_worker + per_run_extra_cpus)
+    if held + d.read_cpus > total + 1e-9:
+        raise ConfigError(
+            f"config field 'data.read_cpus': Ray Data read tasks need {d.read_cpus} CPU next to "
+            f"{held:g} CPU held by training ({concurrent_runs} run(s) x ({r.num_workers} "
+            f"worker(s) x ray.cpus_per_worker {r.cpus_per_worker:g} + {per_run_extra_cpus:g})) "
+            f"on a cluster of {total:g} CPUs: they would wait forever. Lower "
+            "ray.cpus_per_worker or data.read_cpus, or set data.loader: reader"
+        )
+
+
 def build_torch_trainer(
     cfg: Config, name: str, loop_config: dict[str, Any], callbacks: list[Any] | None = None
 ) -> Any:
@@ -832,7 +1038,7 @@ def build_torch_trainer(
     )
     run_config = RunConfig(
         name=name,
-        storage_path=str(storage_root(cfg)),
+        storage_path=storage_location(cfg),
         callbacks=list(callbacks or []),
         failure_config=FailureConfig(max_failures=r.max_failures),
         checkpoint_config=CheckpointConfig(
@@ -879,23 +1085,16 @@ def run_training(
     capacity = cfg.check_pool_fits(num_classes)
     check_eval_sets(cfg)
     ensure_ray(address or cfg.ray.address)
+    check_data_cpus(cfg)
 
     root = storage_root(cfg)
     run_dir = root / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = run_dir / CONFIG_FILE
-    if cfg_file.is_file():
-        from ffc_ray.config import load_config
-
-        try:
-            old = load_config(cfg_file)
-            if old != cfg:
-                log.warning(
-                    "%s: resuming run %r with a different config than before", cfg_file, name
-                )
-        except ConfigError:
-            log.warning("%s: previous config unreadable, overwritten", cfg_file)
-    cfg.save(cfg_file)
+    remote = remote_storage(cfg)
+    run_uri = storage.join(remote, name) if remote else None
+    if run_uri:
+        _prepare_remote_run(cfg, run_dir, run_uri, name)
+    else:
+        _prepare_local_run(cfg, run_dir, name)
 
     actor = None
     if cfg.head.type == "ffc":
@@ -905,6 +1104,7 @@ def run_training(
     loop_config = {
         "config": cfg.to_dict(),
         "run_dir": str(run_dir),
+        "run_uri": run_uri,
         "actor": actor,
         "extra": dict(extra or {}),
     }
@@ -915,7 +1115,7 @@ def run_training(
         cfg.ray.num_workers,
         cfg.head.type,
         capacity if actor is not None else "-",
-        root,
+        run_uri or root,
     )
     try:
         result = trainer.fit()
@@ -930,4 +1130,5 @@ def run_training(
         storage_path=root,
         run_dir=run_dir,
         actor=actor if keep_actor else None,
+        run_uri=run_uri,
     )

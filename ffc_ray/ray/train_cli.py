@@ -3,7 +3,10 @@
 Starts a local Ray (or joins a cluster with ``--address``) and trains the config on Ray Train.
 The run folder is ``<ray.storage_path or train.output_dir>/<name>``; the name defaults to
 ``train.name`` or the config file's stem, so running the same command again resumes the run from
-its latest checkpoint (Ray Train V2 restores by run name).
+its latest checkpoint (Ray Train V2 restores by run name). ``ray.storage_path`` may be a bucket
+URI (``--set ray.storage_path=s3://bucket/runs``, ``gs://...``): Ray writes the checkpoints
+there, the run's own files are staged in ``<train.output_dir>/<name>`` and uploaded at every
+checkpoint and at the end.
 """
 
 from __future__ import annotations
@@ -61,8 +64,15 @@ def run(args: argparse.Namespace) -> int:
         return 1
     result = out.result
     metrics = dict(getattr(result, "metrics", None) or {})
-    print(f"run {out.name}: {out.run_dir}")
-    print(f"tensorboard --logdir {out.run_dir / 'tb'}")
+    if out.run_uri:
+        from ffc_ray.storage import join
+
+        print(f"run {out.name}: {out.run_uri}  (local staging {out.run_dir})")
+        tb_uri = join(out.run_uri, "tb")
+        print(f"tensorboard --logdir {out.run_dir / 'tb'}   (uploaded to {tb_uri})")
+    else:
+        print(f"run {out.name}: {out.run_dir}")
+        print(f"tensorboard --logdir {out.run_dir / 'tb'}")
     if getattr(result, "checkpoint", None) is not None:
         print(f"latest checkpoint: {result.checkpoint.path}")
     best = getattr(result, "best_checkpoints", None) or []
@@ -88,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "run": out.name,
                 "run_dir": str(out.run_dir),
+                **({"run_uri": out.run_uri} if out.run_uri else {}),
                 **{
                     k: v
                     for k, v in metrics.items()

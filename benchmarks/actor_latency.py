@@ -85,8 +85,9 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     from ffc_ray.pool.actor import create_pool_actor, kill_pool_actor
+    from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
 
-    ray.init(num_cpus=2, configure_logging=False)
+    ray.init(num_cpus=2, configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
     actor = create_pool_actor("bench-latency", args.capacity)
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -347,8 +347,14 @@ def main() -> int:
         if not args.no_ray:
             import ray
 
+            from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
+
             ray.init(
-                num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+                num_cpus=2,
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=False,
+                _system_config=LOCAL_SYSTEM_CONFIG,
             )
             from ray.data import DataContext
 

@@ -56,6 +56,7 @@ from ray.tune.logger import TBXLoggerCallback
 
 from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
+from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
 from ffc_ray.ray.sweep_results import (
     BEST_CONFIG,
     OPTUNA_FILE,
@@ -510,6 +511,7 @@ def start_local_ray(
             configure_logging=False,
             log_to_driver=log_to_driver,
             runtime_env={"env_vars": env},
+            _system_config=LOCAL_SYSTEM_CONFIG,
         )
     finally:
         if old is None:

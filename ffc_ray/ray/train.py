@@ -993,7 +993,9 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(configure_logging=False)
+        from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
+
+        ray.init(configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
 
 
 def check_data_cpus(cfg: Config, concurrent_runs: int = 1, per_run_extra_cpus: float = 0.0) -> None:

@@ -78,14 +78,14 @@ def test_is_uri_join_and_basename():
     assert (
         storage.is_uri("s3://bucket/x")
         and storage.is_uri("gs://b")
-        and storage.is_uri("file:///tmp/x")
+        and storage.is_uri("file:///data/x")
     )
-    assert not storage.is_uri("/tmp/x") and not storage.is_uri("runs/x")
+    assert not storage.is_uri("/data/x") and not storage.is_uri("runs/x")
     assert not storage.is_uri("C://data") and not storage.is_uri(None)
     assert not storage.is_uri(Path("s3:/bucket"))
     assert storage.join("s3://bucket/runs/", "exp", "/t1/") == "s3://bucket/runs/exp/t1"
     assert storage.join("s3://b/r?region=eu-west-1", "n") == "s3://b/r/n?region=eu-west-1"
-    assert storage.join("/tmp/r", "n", "x") == str(Path("/tmp/r/n/x"))
+    assert storage.join("/data/r", "n", "x") == str(Path("/data/r/n/x"))
     assert storage.basename("gs://b/sets/lfw.npz") == "lfw.npz"
 
 

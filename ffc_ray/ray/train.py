@@ -676,7 +676,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     stop_after = extra.get("stop_after_step")
     summary: dict[str, Any] = {"start_step": start}
 
-    for x, lx, y, ly in data.iter_batches(start, steps, device):
+    batches = data.iter_batches(start, steps, device)
+    for x, lx, y, ly in batches:
         if planner is not None:
             planner.step = trainer.step
             planner.prefetch(lx, ly)  # the round trip overlaps the EMA and G-Net forward
@@ -734,6 +735,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             summary["stopped_at"] = done
             break
 
+    batches.close()  # a stop_after_step break: end the Ray Data streams' read-ahead now
     # ---- end --------------------------------------------------------------------------------
     pool_sums = rdist.all_gather_strings(pool_checksum(trainer) or "")
     summary["model_checksums"] = rdist.all_gather_strings(model_checksum(trainer))

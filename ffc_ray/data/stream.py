@@ -472,6 +472,7 @@ def iter_worker_steps(
     num_steps: int,
     device: torch.device | str = "cpu",
     prefetch_batches: int = 2,
+    steps_per_epoch: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]]:
     """``(x, x labels, y, y labels)`` of a Ray Train worker for global steps ``[start_step,
     start_step + num_steps)``, streamed by Ray Data from the store of ``cfg.data.source``.
@@ -481,10 +482,11 @@ def iter_worker_steps(
     datasets (uint8 through the object store, normalised on ``device``) and their batches are
     concatenated in shard order, as the in-worker reader does. The datasets are built here, in
     the worker, from the step it starts at, so a worker restarted from a checkpoint streams
-    from exactly that step (no replay of what came before).
+    from exactly that step (no replay of what came before). ``steps_per_epoch``: the caller's
+    epoch length when it has one (otherwise taken from the shards' samplers).
     """
     specs = [StreamSpec.from_config(cfg, world_size=num_shards, rank=s) for s in shard_ids]
-    spe = min(sp.steps_per_epoch() for sp in specs)
+    spe = steps_per_epoch or min(sp.steps_per_epoch() for sp in specs)
     streams = []
     for sp in specs:
         kw = {"read_cpus": float(cfg.data.read_cpus), "normalize": False}

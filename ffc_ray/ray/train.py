@@ -290,7 +290,13 @@ class WorkerData:
             from ffc_ray.data.stream import iter_worker_steps
 
             yield from iter_worker_steps(
-                self.cfg, self.shard_ids, self.num_shards, start, stop - start, device
+                self.cfg,
+                self.shard_ids,
+                self.num_shards,
+                start,
+                stop - start,
+                device,
+                steps_per_epoch=self.steps_per_epoch,  # known already: no second sampler pass
             )
             return
         for step in range(start, stop):

@@ -213,7 +213,7 @@ def decode_rows(
     keys = store.keys[indices]
     blobs = read_records(store.path, keys, store.shards[indices])
     return decode_augment_normalize(
-        blobs, seeds, store.image_size, aug, [store.describe_key(k) for k in keys]
+        blobs, seeds, store.image_size, aug, lambda i: store.describe_key(keys[i])
     )
 
 

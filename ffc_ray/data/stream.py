@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,13 +46,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 
 from ffc_ray.data.reader import DualBatch, StreamSpec, instance_rows, pair_rows
 from ffc_ray.data.store import read_records
-from ffc_ray.data.transforms import (
-    augment_batch,
-    decode_augment_normalize,
-    decode_records,
-    flip_mask,
-    to_chw,
-)
+from ffc_ray.data.transforms import decode_augment_chw, decode_augment_normalize
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +205,13 @@ class StorePlanDatasource(Datasource):
 def _prepare(
     blobs: list, seeds: np.ndarray, keys: np.ndarray, spec: StreamSpec, size: int, normalize: bool
 ) -> np.ndarray:
-    sources = [f"{spec.store} key {bytes(k).decode('ascii', 'replace')}" for k in keys]
+    def source(i: int) -> str:  # built only for a record that fails to decode
+        return f"{spec.store} key {bytes(keys[i]).decode('ascii', 'replace')}"
+
     if normalize:
-        return decode_augment_normalize(blobs, seeds, size, spec.augment, sources)
+        return decode_augment_normalize(blobs, seeds, size, spec.augment, source)
     # uint8 [B, 3, S, S]: the same steps, the normalisation left to the consumer
-    images = augment_batch(
-        decode_records(blobs, size, sources), seeds, replace(spec.augment, flip=False)
-    )
-    return to_chw(images, flip_mask(seeds, spec.augment))
+    return decode_augment_chw(blobs, seeds, size, spec.augment, source)
 
 
 def build_rank_dataset(

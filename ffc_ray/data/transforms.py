@@ -5,6 +5,7 @@ Normalisation follows the official FFC code: (x - 127.5) / 128.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -122,7 +123,11 @@ def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> byt
     return buf.getvalue()
 
 
-def _decode_view(data: bytes, size: int, source: str) -> np.ndarray:
+#: a record's name for error messages: a string, or a callable that builds it (only on error)
+Source = str | Callable[[], str]
+
+
+def _decode_view(data: bytes, size: int, source: Source) -> np.ndarray:
     """Decode to uint8 [size, size, 3]; may be a read-only view of a fresh buffer."""
     Image = _pil()
     if data[:3] == b"\xff\xd8\xff":
@@ -131,6 +136,8 @@ def _decode_view(data: bytes, size: int, source: str) -> np.ndarray:
             return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(size, size, 3)
         except (ValueError, OSError):
             pass  # fall through: the full decoder gives the precise error or handles the mode
+    if callable(source):
+        source = source()
     img = open_image(data, source)
     if img.size != (size, size):
         raise ImageDecodeError(f"{source}: image is {img.size[0]}x{img.size[1]}, store says {size}")
@@ -148,11 +155,44 @@ def decode_record(data: bytes, size: int, source: str = "<record>") -> np.ndarra
     return np.array(_decode_view(data, size, source))
 
 
-def decode_records(blobs: list[bytes], size: int, sources: list[str] | None = None) -> np.ndarray:
-    """Decode stored records into one uint8 [B, size, size, 3] array (error names the key)."""
+def _source(sources: Sequence[str] | Callable[[int], str] | None, i: int) -> Source:
+    if sources is None:
+        return f"record {i}"
+    if callable(sources):
+        return lambda: sources(i)
+    return sources[i]
+
+
+def decode_records(
+    blobs: list[bytes], size: int, sources: Sequence[str] | Callable[[int], str] | None = None
+) -> np.ndarray:
+    """Decode stored records into one uint8 [B, size, size, 3] array.
+
+    ``sources``: the records' names for error messages, or a function ``i -> name`` called only
+    when record i fails (no per-record string on the hot path).
+    """
     out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     for i, blob in enumerate(blobs):
-        out[i] = _decode_view(blob, size, sources[i] if sources is not None else f"record {i}")
+        out[i] = _decode_view(blob, size, _source(sources, i))
+    return out
+
+
+def decode_records_chw(
+    blobs: list[bytes],
+    size: int,
+    flip: np.ndarray | None = None,
+    sources: Sequence[str] | Callable[[int], str] | None = None,
+) -> np.ndarray:
+    """Decode straight into uint8 [B, 3, size, size], mirroring the rows where ``flip``.
+
+    Equal to ``to_chw(decode_records(blobs, size, sources), flip)`` with one copy per image
+    instead of two (the decoder's buffer is transposed once, into the output). For the flip-only
+    augmentation, which is the official FFC one.
+    """
+    out = np.empty((len(blobs), 3, size, size), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        src = _decode_view(blob, size, _source(sources, i)).transpose(2, 0, 1)
+        out[i] = src[:, :, ::-1] if flip is not None and flip[i] else src
     return out
 
 
@@ -318,13 +358,34 @@ def decode_augment_normalize(
     seeds: np.ndarray,
     size: int,
     aug: Augment,
-    sources: list[str] | None = None,
+    sources: Sequence[str] | Callable[[int], str] | None = None,
 ) -> np.ndarray:
     """The loaders' whole per-image path: stored record -> float32 [B, 3, size, size] in [-1, 1].
 
     Used by both :mod:`ffc_ray.data.reader` (single process) and :mod:`ffc_ray.data.stream`
     (Ray Data ``map_batches``); the official FFC loaders do flip + (x - 127.5) / 128 only.
     """
-    images = decode_records(blobs, size, sources)
-    images = augment_batch(images, seeds, replace(aug, flip=False))
-    return normalize_chw(images, flip_mask(seeds, aug))  # the flip, last, as augment_batch
+    chw = decode_augment_chw(blobs, seeds, size, aug, sources)
+    out = np.multiply(chw, np.float32(1.0 / 128.0), dtype=np.float32)
+    out -= np.float32(127.5 / 128.0)  # bit-identical to normalize_u8, see normalize_chw
+    return out
+
+
+def decode_augment_chw(
+    blobs: list[bytes],
+    seeds: np.ndarray,
+    size: int,
+    aug: Augment,
+    sources: Sequence[str] | Callable[[int], str] | None = None,
+) -> np.ndarray:
+    """Stored records -> augmented uint8 [B, 3, size, size] (the Ray stream's block layout).
+
+    With the flip as the only augmentation (the official one) each record is decoded straight
+    into the output (:func:`decode_records_chw`); otherwise :func:`augment_batch` runs on the
+    HWC batch first. The flip comes last either way, as in :func:`augment_batch`.
+    """
+    flip = flip_mask(seeds, aug)
+    if not aug.random_resized_crop and not aug.color_jitter > 0:
+        return decode_records_chw(blobs, size, flip, sources)
+    images = augment_batch(decode_records(blobs, size, sources), seeds, replace(aug, flip=False))
+    return to_chw(images, flip)

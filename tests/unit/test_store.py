@@ -433,3 +433,53 @@ def test_single_image_identities_feed_only_the_instance_stream(tmp_path):
     assert sorted(inst) == list(range(30))
     singles = set(np.flatnonzero(labels >= 9).tolist())
     assert singles <= set(inst) and not singles & set(pair)
+
+
+def test_decode_augment_chw_equals_decode_then_augment_then_transpose():
+    """The fused decode -> CHW path (flip only) and the general path give the reference pixels:
+    decode_records -> augment_batch (HWC, flip included) -> transpose."""
+    from ffc_ray.data.transforms import (
+        Augment,
+        augment_batch,
+        decode_augment_chw,
+        decode_augment_normalize,
+        decode_records,
+        normalize_u8,
+    )
+
+    imgs = np.random.default_rng(3).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+    blobs = [encode_image(im, "png") for im in imgs]  # lossless: decode gives imgs back
+    seeds = np.arange(100, 109, dtype=np.uint64)
+    for aug in (
+        Augment(flip=True),
+        Augment(flip=False),
+        Augment(flip=True, random_resized_crop=True, color_jitter=0.3),
+    ):
+        ref = augment_batch(decode_records(blobs, 16), seeds, aug).transpose(0, 3, 1, 2)
+        got = decode_augment_chw(blobs, seeds, 16, aug)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(
+            decode_augment_normalize(blobs, seeds, 16, aug), normalize_u8(ref.transpose(0, 2, 3, 1))
+        )
+    flipped = decode_augment_chw(blobs, seeds, 16, Augment(flip=True))
+    assert any((flipped[i] != imgs[i].transpose(2, 0, 1)).any() for i in range(9))  # some flip
+
+
+def test_decode_error_names_the_record_when_names_are_built_lazily(tmp_path):
+    from ffc_ray.data.reader import decode_rows
+    from ffc_ray.data.transforms import Augment, decode_augment_chw
+
+    good = encode_image(smooth_images(1, 16)[0], "jpeg")
+    with StoreWriter(tmp_path / "st", image_size=16, num_shards=1) as w:
+        w.add(0, good, "good")
+        w.add(0, b"\xff\xd8\xff" + b"not a jpeg" * 20, "garbage")
+        w.finish(["a"])
+    store = open_store(tmp_path / "st")
+    with pytest.raises(ImageDecodeError, match="st key 00000000/000001: cannot decode"):
+        decode_rows(store, np.array([0, 1]), np.zeros(2, np.uint64), Augment(flip=True))
+    blobs = [good, b"\xff\xd8\xff" + b"x" * 50]
+    with pytest.raises(ImageDecodeError, match="record #1 of batch: cannot decode"):
+        decode_augment_chw(
+            blobs, np.zeros(2, np.uint64), 16, Augment(), lambda i: f"record #{i} of batch"
+        )

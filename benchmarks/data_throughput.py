@@ -5,8 +5,12 @@
 (b) lmdb:   store read + decode + augment (flip) + normalise to float32, in a shuffled order
     (``reader.decode_rows``: what the single-process reader does per batch; the same work as
     (c), so the two compare directly; without the normalisation it is reported too);
+(b') reader: the single-process reader (``StoreDualReader``) over the SAME steps as (c): the
+    same rows, dual batches, seeds and decode path, in this process. (b) is the best of five
+    short passes over the set, (b') and (c) stream the same ``--ray-epochs`` epochs of dual
+    batches, so (c) / (b') isolates what Ray Data adds;
 (c) ray:    the Ray Data stream end to end as training uses it (``stream.build_rank_dataset`` ->
-    ``iter_dual_batches``: read task, decode + augment in ``map_batches``, uint8 through the
+    ``iter_dual_batches``: read tasks that decode + augment, uint8 blocks through the
     object store, lockstep batching, normalised by the consumer), at the same parallelism as
     (b): one read/decode task at a time (``concurrency=1``), over ``--ray-epochs`` epochs of
     the set (a training stream is long-lived: its start-up is paid once per run);
@@ -213,6 +217,32 @@ def bench_lmdb(store_path: Path, batch: int = 128, normalize: bool = True) -> di
     }
 
 
+def bench_reader(store_path: Path, instance_batch: int, identity_batch: int, steps: int) -> dict:
+    """(b'): the single-process reader (``StoreDualReader``) over the SAME steps as (c): the
+    same rows, batches, seeds and decode path, so (c) / (b') is Ray Data's cost alone."""
+    from ffc_ray.data.reader import StoreDualReader
+
+    spec = StreamSpec(
+        str(store_path), instance_batch, identity_batch, seed=0, augment=Augment(flip=True)
+    )
+    reader = StoreDualReader(spec)
+    for _ in reader.iter_steps(0, min(2, steps)):  # open environments, warm pages
+        pass
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = 0
+    for b in reader.iter_steps(0, steps):
+        n += len(b.x) + len(b.y)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "images": n,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "ips_per_core": n / cpu,
+        "ips_wall": n / wall,
+        "steps": steps,
+    }
+
+
 def bench_ray(
     store_path: Path,
     instance_batch: int,
@@ -288,6 +318,7 @@ def run_set(name: str, folder: Path, files: list[str], box, tmp: Path, args) -> 
         add("lmdb", bench_lmdb(store))
         add("lmdb_uint8", bench_lmdb(store, normalize=False))
         if not args.no_ray and i < args.ray_repeats:
+            add("reader", bench_reader(store, args.instance_batch, args.identity_batch, steps))
             add("ray", bench_ray(store, args.instance_batch, args.identity_batch, 1, steps))
             add(
                 "ray_float",
@@ -318,6 +349,11 @@ def run_set(name: str, folder: Path, files: list[str], box, tmp: Path, args) -> 
             f"{res['ray']['ips_per_core']:.0f} img/s/core "
             f"({res['ray']['ips_wall']:.0f} img/s wall, {res['ray']['steps']} steps); "
             f"float32 normalised in the task: {res['ray_float']['ips_per_core']:.0f} img/s/core",
+            flush=True,
+        )
+        print(
+            f"[{name}] (b') single-process reader over the same steps: "
+            f"{res['reader']['ips_per_core']:.0f} img/s/core",
             flush=True,
         )
     close_cached_envs()
@@ -394,6 +430,12 @@ def main() -> int:
         "lmdb_without_normalise_ips_per_core": round(main_set["lmdb_uint8"]["ips_per_core"], 1),
         "ray_float_in_task_ips_per_core": (
             round(main_set["ray_float"]["ips_per_core"], 1) if "ray_float" in main_set else None
+        ),
+        "reader_same_steps_ips_per_core": (
+            round(main_set["reader"]["ips_per_core"], 1) if "reader" in main_set else None
+        ),
+        "ray_over_reader_same_steps": (
+            round(c / main_set["reader"]["ips_per_core"], 3) if "reader" in main_set else None
         ),
         "ray_ips_per_core_without_background": (
             round(main_set["ray"]["ips_per_core_without_background"], 1)

@@ -63,3 +63,29 @@ def test_runs_a_benchmark_and_passes_its_arguments():
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["labels_per_s"] > 0 and summary["labels_per_s_transactional"] > 0
     assert summary["capacity"] == 2000
+
+
+def test_lfw_seeds_summary_pairs_heads_by_seed():
+    """benchmarks/lfw_seeds.py: per-head mean / sample std and the FFC - FC gap paired by
+    seed, against values worked out by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lfw_seeds", bench.BENCH_DIR / "lfw_seeds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [
+        {"head": "ffc", "seed": 0, "accuracy": 0.80, "auc": 0.9},
+        {"head": "fc", "seed": 0, "accuracy": 0.83, "auc": 0.9},
+        {"head": "ffc", "seed": 1, "accuracy": 0.82, "auc": 0.9},
+        {"head": "fc", "seed": 1, "accuracy": 0.82, "auc": 0.9},
+        {"head": "fc", "seed": 2, "accuracy": 0.90, "auc": 0.9},  # no ffc partner: not paired
+    ]
+    out = mod.summarise(rows)
+    assert out["heads"]["ffc"]["accuracy_mean"] == 0.81
+    assert out["heads"]["ffc"]["accuracy_std"] == round(0.02 / 2**0.5, 4)  # ddof = 1
+    assert out["heads"]["fc"]["seeds"] == [0, 1, 2]
+    assert out["ffc_minus_fc_points"] == [-3.0, 0.0]
+    assert out["ffc_minus_fc_points_mean"] == -1.5
+    assert out["ffc_minus_fc_points_sem"] == round(3.0 / 2**0.5 / 2**0.5, 2)
+    assert out["meets_target"] is False
+    assert "ffc_minus_pfc_points" not in out

@@ -106,6 +106,21 @@ def run_head(head: str, args: argparse.Namespace, store: Path, pairs: Path) -> d
     }
 
 
+def keep_other_heads(out: Path, rows: list[dict]) -> list[dict]:
+    """Rows of ``out`` (an earlier run) for heads not run now, then this run's rows: rerunning
+    one head (``--heads ffc``) keeps the others' figures in the file and the table."""
+    if not out.is_file():
+        return rows
+    try:
+        old = json.loads(out.read_text()).get("rows", [])
+    except (OSError, ValueError):
+        return rows
+    now = {r["head"] for r in rows}
+    kept = [dict(r, kept_from_earlier_run=True) for r in old if r.get("head") not in now]
+    order = list(HEADS)
+    return sorted(kept + rows, key=lambda r: order.index(r["head"]) if r["head"] in order else 99)
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| head | accuracy | AUC | TAR@FAR=1e-3 | head memory (MiB) | step (ms) | samples | "
@@ -157,6 +172,7 @@ def main() -> None:
             time.sleep(10)
     rows = [run_head(h, args, store, pairs) for h in args.heads.split(",")]
     ray.shutdown()
+    rows = keep_other_heads(Path(args.out), rows)
     by = {r["head"]: r for r in rows}
     out = {
         "benchmark": "lfw_compare",

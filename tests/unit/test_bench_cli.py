@@ -89,3 +89,24 @@ def test_lfw_seeds_summary_pairs_heads_by_seed():
     assert out["ffc_minus_fc_points_sem"] == round(3.0 / 2**0.5 / 2**0.5, 2)
     assert out["meets_target"] is False
     assert "ffc_minus_pfc_points" not in out
+
+
+def test_lfw_compare_rerun_of_one_head_keeps_the_others(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lfw_cmp", bench.BENCH_DIR / "lfw_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cmp.json"
+    assert mod.keep_other_heads(out, [{"head": "ffc", "accuracy": 0.8}]) == [
+        {"head": "ffc", "accuracy": 0.8}
+    ]
+    old = [{"head": h, "accuracy": a} for h, a in (("ffc", 0.7), ("fc", 0.85), ("partial_fc", 0.8))]
+    out.write_text(json.dumps({"rows": old}))
+    rows = mod.keep_other_heads(out, [{"head": "ffc", "accuracy": 0.84}])
+    assert [(r["head"], r["accuracy"]) for r in rows] == [
+        ("ffc", 0.84),
+        ("fc", 0.85),
+        ("partial_fc", 0.8),
+    ]
+    assert "kept_from_earlier_run" not in rows[0] and rows[1]["kept_from_earlier_run"] is True

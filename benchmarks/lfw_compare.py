@@ -5,11 +5,14 @@ occur in pairsDevTest.txt (all of them, one-image identities included as extra c
 identity stream uses those with >= 2 images), evaluate on the 1,000 pairsDevTest pairs (10 folds,
 threshold chosen on the other nine). Every head runs the same config (configs/lfw_<head>.yaml:
 backbone, input size, batch, optimiser, schedule, steps), so all see the same number of
-samples. Images are cropped with the LFW face box and stored at ``--image-size`` px (64 by
+samples; only FFC's learning rate is 1/4 of the others' (its loss sums four softmaxes: the same
+step per sample, see configs/lfw_ffc.yaml). ``benchmarks/lfw_seeds.py`` repeats the comparison
+over seeds. Images are cropped with the LFW face box and stored at ``--image-size`` px (64 by
 default, to fit 30 minutes per head on a 2-core CPU).
 
     python benchmarks/lfw_compare.py                      # full comparison (config steps)
     python benchmarks/lfw_compare.py --steps 40 --tag short   # a short check of the pipeline
+    python benchmarks/lfw_compare.py --heads ffc --tag v2     # rerun one head, keep the others
 
 Writes results/lfw_compare.json (or --out) and prints a Markdown table; the last line is JSON.
 Reported per head: verification accuracy (+- std over folds), AUC, TAR@FAR=1e-3, head memory

@@ -105,8 +105,20 @@ def run_head(head: str, args: argparse.Namespace, store: Path, pairs: Path) -> d
         "head_memory_mb": (run.summary or {}).get("head_memory_bytes", 0) / 2**20,
         "step_time_ms": 1e3 * float(np.median(st)),
         "wall_s": round(wall, 1),
-        "run_dir": str(run.run_dir),
+        "run_dir": _shown_path(run.run_dir),
     }
+
+
+def _shown_path(path) -> str:
+    """``path`` relative to the working folder (or the repository) so that results files
+    committed to the repository never carry a path of the machine that produced them."""
+    path = Path(path).resolve()
+    for base in (Path.cwd().resolve(), REPO.resolve()):
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            pass
+    return os.path.relpath(path)
 
 
 def keep_other_heads(out: Path, rows: list[dict]) -> list[dict]:

@@ -110,3 +110,16 @@ def test_lfw_compare_rerun_of_one_head_keeps_the_others(tmp_path):
         ("partial_fc", 0.8),
     ]
     assert "kept_from_earlier_run" not in rows[0] and rows[1]["kept_from_earlier_run"] is True
+
+
+def test_lfw_compare_writes_run_folders_without_machine_paths(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lfw_cmp", bench.BENCH_DIR / "lfw_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.chdir(tmp_path)
+    assert mod._shown_path(tmp_path / "runs" / "lfw-ffc-x") == "runs/lfw-ffc-x"
+    assert mod._shown_path(mod.REPO / "runs" / "a") == "runs/a"
+    elsewhere = mod._shown_path(tmp_path.parent / "other" / "r")
+    assert not elsewhere.startswith("/") and elsewhere.endswith("other/r")

@@ -589,7 +589,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     is_ffc = cfg.head.type == "ffc"
     if is_ffc and actor is None:
         raise RuntimeError("train_loop_per_worker: the ffc head needs the pool actor handle")
-    planner = rdist.ActorPlanner(actor, symmetric=cfg.head.symmetric) if is_ffc else None
+    planner = (
+        rdist.ActorPlanner(actor, symmetric=cfg.head.symmetric, fast=cfg.ray.pool_fast_path)
+        if is_ffc
+        else None
+    )
     if world > 1 and cfg.head.type == "partial_fc":
         raise ConfigError(
             "config field 'head.type': partial_fc keeps per-worker sampled rows "
@@ -742,6 +746,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             break
 
     batches.close()  # a stop_after_step break: end the Ray Data streams' read-ahead now
+    if planner is not None:
+        planner.close()
+        summary["actor_transport"] = planner.transport
     # ---- end --------------------------------------------------------------------------------
     pool_sums = rdist.all_gather_strings(pool_checksum(trainer) or "")
     summary["model_checksums"] = rdist.all_gather_strings(model_checksum(trainer))

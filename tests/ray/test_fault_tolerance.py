@@ -111,6 +111,8 @@ def test_killed_actor_is_restored_from_last_checkpoint(ray_session, tmp_path: Pa
     try:
         info = ray.get(run.actor.info.remote())
         assert info["restarted"] is True and info["step"] == STEPS
+        # the restarted group reconnected to the new instance's fast path
+        assert info["fast_plans"] > 0 and run.summary["actor_transport"] == "fast"
         _check_recovery(ray, run, cfg, world=2)
     finally:
         kill_pool_actor(run.actor)

@@ -224,6 +224,8 @@ class PoolIndexActor:
             "restarted": self._restarted,
             "plans": self._plans,
             "fast_plans": self._fast_plans,
+            "fast_connections": self._server.connections if self._server else 0,
+            "fast_refused": self._server.rejected if self._server else 0,
         }
 
     def reset(self) -> int:
@@ -383,9 +385,6 @@ class FastPlanServer:
                 # repeats the call through Ray, which raises the error where it can be read
                 log.exception("pool fast path: plan failed; connection closed")
 
-    def close(self) -> None:
-        self._sock.close()
-
 
 class FastPlanClient:
     """Rank 0's end of the fast path: :meth:`send` a step's packed labels, later :meth:`recv`
@@ -395,9 +394,13 @@ class FastPlanClient:
 
     def __init__(self, host: str, port: int, token: bytes, timeout_s: float = 300.0) -> None:
         self._sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0))
-        _tune(self._sock)
-        self._sock.settimeout(timeout_s)
-        self._sock.sendall(token)
+        try:
+            _tune(self._sock)
+            self._sock.settimeout(timeout_s)
+            self._sock.sendall(token)
+        except OSError:
+            self._sock.close()
+            raise
         self._inflight = False
 
     def send(self, step: int, labels: np.ndarray) -> None:

@@ -185,7 +185,7 @@ def test_fast_path_refuses_a_wrong_token_and_survives_a_dropped_client() -> None
         intruder.send(0, labels)
         intruder.recv()
     intruder.close()
-    assert a.info()["plans"] == 0 and a.info()["step"] == 0
+    assert a.info()["plans"] == 0 and a.info()["step"] == 0 and a.info()["fast_refused"] == 1
     first = FastPlanClient(host, port, token, timeout_s=10)
     first.send(0, labels)
     answer = first.recv()
@@ -194,12 +194,26 @@ def test_fast_path_refuses_a_wrong_token_and_survives_a_dropped_client() -> None
     try:
         second.send(0, labels)  # the retried step: the cached answer
         np.testing.assert_array_equal(second.recv(), answer)
-        assert a.info()["plans"] == 1
+        assert a.info()["plans"] == 1 and a.info()["fast_connections"] == 2
     finally:
         second.close()
 
 
 # ---- the real actor ---------------------------------------------------------------------------
+
+
+def _wait_restarted(ray, h) -> dict:
+    """ray.kill is asynchronous: wait for the restarted instance; its info()."""
+    deadline = time.time() + 60
+    while True:
+        try:
+            info = ray.get(h.info.remote(), timeout=30)
+            if info["restarted"]:
+                return info
+        except ray.exceptions.RayActorError:
+            pass
+        assert time.time() < deadline, "the actor did not restart"
+        time.sleep(0.2)
 
 
 @pytest.mark.ray
@@ -240,16 +254,7 @@ def test_restarted_actor_reports_lost_state_until_reloaded(ray_session) -> None:
         saved, saved_step = ray.get(h.get_state.remote())  # "the checkpoint"
         ray.get(h.plan.remote(6, *steps[6]))  # a step after the checkpoint, then the crash
         ray.kill(h, no_restart=False)
-        deadline = time.time() + 60
-        while True:  # ray.kill is asynchronous: wait for the restarted instance
-            try:
-                info = ray.get(h.info.remote(), timeout=30)
-                if info["restarted"]:
-                    break
-            except ray.exceptions.RayActorError:
-                pass
-            assert time.time() < deadline, "the actor did not restart"
-            time.sleep(0.2)
+        info = _wait_restarted(ray, h)
         assert info["step"] is None and info["size"] == 0  # the index is gone
         assert unpack_slots(ray.get(h.plan.remote(7, *steps[7])))[0] == STATUS_LOST
         assert ray.get(h.get_state.remote()) == (None, None)
@@ -355,15 +360,7 @@ def test_actor_planner_falls_back_to_ray_calls(ray_session, monkeypatch) -> None
         _assert_slots_equal(planner(*labels), plan_step(ref, *labels))
         assert planner.transport == "fast"
         ray.kill(h, no_restart=False)
-        deadline = time.time() + 60
-        while True:  # ray.kill is asynchronous: wait for the restarted instance
-            try:
-                if ray.get(h.info.remote(), timeout=30)["restarted"]:
-                    break
-            except ray.exceptions.RayActorError:
-                pass
-            assert time.time() < deadline, "the actor did not restart"
-            time.sleep(0.2)
+        _wait_restarted(ray, h)
         with pytest.raises(PoolActorLost, match="restarted"):
             planner(*_steps(1, 8, 50, seed=10)[0])
         assert planner.transport == "ray"

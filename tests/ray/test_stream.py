@@ -241,3 +241,55 @@ def test_lockstep_mismatch_is_an_error():
         r"pair stream at \(0, 1\)",
     ):
         next(iter_dual_batches(spec, inst, _Blocks([pair])))
+
+
+def test_quiet_scheduler_sleeps_out_only_the_turns_that_came_back_at_once(monkeypatch):
+    """Fake clock: a turn that returned after 2 ms sleeps the 98 ms left of the interval; a
+    turn that waited 150 ms on its tasks does not sleep at all."""
+    from ffc_ray.data import stream as st
+
+    assert st.QuietScheduler is not None and st.SCHED_MIN_INTERVAL_S == pytest.approx(0.1)
+    clock = [10.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        clock[0] += s
+
+    monkeypatch.setattr(st.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(st.time, "sleep", sleep)
+    cb = st.QuietScheduler()
+    cb.on_execution_step(None)  # first turn: nothing to compare with
+    assert slept == []
+    clock[0] += 0.002
+    cb.on_execution_step(None)
+    assert slept == [pytest.approx(0.098)]
+    clock[0] += 0.150  # a turn that waited on running tasks
+    cb.on_execution_step(None)
+    assert slept == [pytest.approx(0.098)]
+    clock[0] += 0.0
+    cb.on_execution_step(None)  # back at once again: a full interval
+    assert slept == [pytest.approx(0.098), pytest.approx(0.1)]
+
+
+def test_stream_datasets_run_with_the_quiet_scheduler(ray_session, tiny_store, monkeypatch):
+    """The datasets carry the callback and Ray Data calls it on every turn of its loop (the
+    executor runs in the iterating process, here the test's)."""
+    from ffc_ray.data import stream as st
+
+    turns = []
+    monkeypatch.setattr(st, "SCHED_MIN_INTERVAL_S", 0.0)
+    orig = st.QuietScheduler.on_execution_step
+
+    def counted(self, executor):
+        turns.append(type(executor).__name__)
+        return orig(self, executor)
+
+    monkeypatch.setattr(st.QuietScheduler, "on_execution_step", counted)
+    spec = StreamSpec(str(tiny_store), M, P, seed=5, world_size=W, rank=0)
+    inst = st.build_rank_dataset(spec, "inst", 3, 0)
+    assert st.QuietScheduler in inst.context.custom_execution_callback_classes
+    st.quiet_scheduler(inst.context)  # idempotent
+    assert inst.context.custom_execution_callback_classes.count(st.QuietScheduler) == 1
+    assert len(list(inst.iter_batches(batch_size=None))) >= 1
+    assert turns and set(turns) == {"StreamingExecutor"}

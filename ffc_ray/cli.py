@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ffc-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a storage URI that cannot be read or written: its message names it
+        from ffc_ray.storage import StorageError
+
+        if not isinstance(exc, StorageError):
+            raise
+        print(f"ffc-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

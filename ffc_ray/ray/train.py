@@ -916,13 +916,41 @@ def pull_progress(run_dir: Path, run_uri: str) -> None:
             log.warning("could not fetch %s: %s", remote, exc)
 
 
-def push_run_dir(run_dir: Path, run_uri: str) -> None:
-    """Upload the staging folder (config, progress, TensorBoard, pid files) to ``run_uri``;
-    a failure is logged, not raised (the checkpoints are Ray's and already persisted)."""
+#: (staging folder, run URI) -> {relative name: (size, mtime_ns)} of the files this process
+#: last uploaded there successfully (see :func:`push_run_dir`)
+_PUSHED: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+
+
+def _file_stamps(run_dir: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for p in run_dir.rglob("*"):
+        try:
+            if p.is_file():
+                st = p.stat()
+                out[p.relative_to(run_dir).as_posix()] = (st.st_size, st.st_mtime_ns)
+        except OSError:  # removed meanwhile
+            pass
+    return out
+
+
+def push_run_dir(run_dir: Path, run_uri: str) -> int:
+    """Upload the staging folder (config, progress, TensorBoard, pid files) to ``run_uri``:
+    the files that are new or changed (size or modification time) since this process's last
+    successful push there, so a checkpoint does not re-send the whole folder. Returns the
+    number of files sent. A failure is logged, not raised (the checkpoints are Ray's and
+    already persisted), and the next push sends everything changed since the last success."""
+    key = (str(run_dir), str(run_uri))
+    sent = _PUSHED.get(key, {})
+    stamps = _file_stamps(run_dir)
     try:
-        storage.upload_dir(run_dir, run_uri)
+        n = storage.upload_dir(
+            run_dir, run_uri, exclude=lambda rel: rel in stamps and sent.get(rel) == stamps[rel]
+        )
     except storage.StorageError as exc:
         log.warning("could not upload the run files to %s: %s", run_uri, exc)
+        return 0
+    _PUSHED[key] = stamps
+    return n
 
 
 def _prepare_local_run(cfg: Config, run_dir: Path, name: str) -> None:

@@ -411,6 +411,51 @@ def test_run_files_push_and_pull(tmp_path):
     assert (other / "progress.jsonl").read_text().count("\n") == 3
 
 
+def test_run_files_push_sends_only_what_changed(tmp_path, monkeypatch):
+    """A checkpoint's push uploads the new and changed files, not the whole staging folder;
+    after a failed push, the next one sends everything changed since the last success."""
+    from ffc_ray.ray import train as rt
+
+    run_uri = uri(tmp_path / "bucket" / "r2")
+    staging = tmp_path / "staging" / "r2"
+    (staging / "tb").mkdir(parents=True)
+    (staging / "config.yaml").write_text("a: 1\n")
+    (staging / "progress.jsonl").write_text('{"step": 1}\n')
+    (staging / "tb" / "events.1").write_bytes(b"ev1")
+    sent: list[str] = []
+    real_upload = storage.upload_file
+
+    def counting(local, remote):
+        sent.append(Path(local).relative_to(staging).as_posix())
+        real_upload(local, remote)
+
+    monkeypatch.setattr(storage, "upload_file", counting)
+    assert rt.push_run_dir(staging, run_uri) == 3
+    assert sorted(sent) == ["config.yaml", "progress.jsonl", "tb/events.1"]
+    sent.clear()
+    assert rt.push_run_dir(staging, run_uri) == 0 and sent == []  # nothing changed
+    with (staging / "progress.jsonl").open("a") as f:
+        f.write('{"step": 2}\n')
+    (staging / "tb" / "events.2").write_bytes(b"ev2")
+    assert rt.push_run_dir(staging, run_uri) == 2
+    assert sorted(sent) == ["progress.jsonl", "tb/events.2"]
+    assert storage.read_text(storage.join(run_uri, "progress.jsonl")).count("\n") == 2
+    # same size, new modification time: sent again
+    st = (staging / "config.yaml").stat()
+    (staging / "config.yaml").write_text("a: 2\n")
+    os.utime(staging / "config.yaml", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    def broken(local, remote):
+        raise storage.StorageError("network down")
+
+    monkeypatch.setattr(storage, "upload_file", broken)
+    assert rt.push_run_dir(staging, run_uri) == 0  # logged, not raised
+    monkeypatch.setattr(storage, "upload_file", counting)
+    sent.clear()
+    assert rt.push_run_dir(staging, run_uri) == 1 and sent == ["config.yaml"]
+    assert storage.read_text(storage.join(run_uri, "config.yaml")) == "a: 2\n"
+
+
 def test_sweep_locations_and_optuna_copy(tmp_path):
     import sqlite3
 
@@ -455,3 +500,23 @@ class _Spec:
     class base:  # noqa: N801
         class train:  # noqa: N801
             output_dir = "runs"
+
+
+def test_cli_reports_a_storage_error_without_a_traceback(monkeypatch, capsys):
+    """A StorageError escaping a command (it names the URI) is a clean error, exit status 2;
+    other OS errors are not swallowed."""
+    import ffc_ray.data.cli as data_cli
+    from ffc_ray import cli
+
+    def fail(exc):
+        def run(args):
+            raise exc
+
+        return run
+
+    monkeypatch.setattr(data_cli, "run", fail(storage.StorageError("cannot read s3://b/x: denied")))
+    assert cli.main(["data", "info", "s3://b/x"]) == 2
+    assert "ffc-ray data: error: cannot read s3://b/x: denied" in capsys.readouterr().err
+    monkeypatch.setattr(data_cli, "run", fail(PermissionError("local disk")))
+    with pytest.raises(PermissionError):
+        cli.main(["data", "info", "s3://b/x"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ffc_ray.data.importers import ImportOptions, import_arrays
 from ffc_ray.data.reader import StoreDualReader, StreamSpec
@@ -293,3 +294,19 @@ def test_stream_datasets_run_with_the_quiet_scheduler(ray_session, tiny_store, m
     assert inst.context.custom_execution_callback_classes.count(st.QuietScheduler) == 1
     assert len(list(inst.iter_batches(batch_size=None))) >= 1
     assert turns and set(turns) == {"StreamingExecutor"}
+
+
+def test_consumer_normalisation_is_bit_equal_to_numpy():
+    """uint8 step parts -> one float tensor, (x - 127.5) / 128 exactly as numpy computes it,
+    every byte value, parts concatenated in order; float parts pass through unchanged."""
+    from ffc_ray.data.stream import _stack_to_tensor
+
+    rng = np.random.default_rng(0)
+    a = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16).repeat(3, axis=1)
+    b = rng.integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    got = _stack_to_tensor([a, b], torch.device("cpu"))
+    want = (np.concatenate([a, b]).astype(np.float32) - 127.5) / 128
+    assert got.dtype == torch.float32 and got.shape == (6, 3, 16, 16)
+    assert np.array_equal(got.numpy(), want)
+    f = want[:2].copy()
+    assert np.array_equal(_stack_to_tensor([f], torch.device("cpu")).numpy(), f)

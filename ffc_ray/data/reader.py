@@ -25,14 +25,16 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ffc_ray.data.store import FaceStore, open_store, read_records
 from ffc_ray.data.transforms import Augment, decode_augment_normalize, mix_seed, splitmix64
 from ffc_ray.data.types import FaceArrays
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: Ray Data read tasks never load it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,8 @@ class StoreDualReader:
     """
 
     def __init__(self, spec: StreamSpec, device: torch.device | str = "cpu") -> None:
+        import torch
+
         self.spec = spec
         self.store = spec.store_handle()
         self.device = torch.device(device)
@@ -263,6 +267,8 @@ class StoreDualReader:
 
     def batch(self, epoch: int, step: int) -> DualBatch:
         """The batch of ``step`` (0-based, within ``epoch``)."""
+        import torch
+
         spec = self.spec
         plan = spec.plan(epoch)
         seeds = row_seeds(spec, epoch, step, step + 1)[0]

@@ -37,17 +37,19 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
-import torch
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
 from ffc_ray.data.reader import DualBatch, StreamSpec, instance_rows, pair_rows
 from ffc_ray.data.store import read_records
 from ffc_ray.data.transforms import decode_augment_chw, decode_augment_normalize
+
+if TYPE_CHECKING:  # the consumer functions import torch: a read task's process never loads it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +387,8 @@ def _step_batches(
 
 
 def _to_tensor(x: np.ndarray, dev: torch.device) -> torch.Tensor:
+    import torch
+
     t = torch.from_numpy(x).to(dev, non_blocking=True)
     if t.dtype == torch.uint8:  # normalize=False: (x - 127.5) / 128 here, exactly as numpy
         t = t.to(torch.float32).mul_(1.0 / 128.0).sub_(127.5 / 128.0)
@@ -398,6 +402,8 @@ def _stack_to_tensor(parts: list[np.ndarray], dev: torch.device) -> torch.Tensor
     one fused ``-127.5/128 + x/128`` (x/128 is exact for 0..255, so the result is bit-equal to
     numpy's ``x / 128 - 127.5 / 128``): two passes over the floats instead of four.
     """
+    import torch
+
     if dev.type != "cpu" or parts[0].dtype != np.uint8:
         return _to_tensor(np.concatenate(parts) if len(parts) > 1 else parts[0].copy(), dev)
     n = sum(len(p) for p in parts)
@@ -408,10 +414,19 @@ def _stack_to_tensor(parts: list[np.ndarray], dev: torch.device) -> torch.Tensor
         for p in parts:
             out[i : i + len(p)].copy_(torch.from_numpy(p))
             i += len(p)
-    return torch.add(_SHIFT, out, alpha=1.0 / 128.0, out=out)
+    return torch.add(_shift(), out, alpha=1.0 / 128.0, out=out)
 
 
-_SHIFT = torch.tensor(-127.5 / 128.0, dtype=torch.float32)
+_SHIFT: list = []
+
+
+def _shift() -> torch.Tensor:
+    """The constant -127.5/128 as a float32 tensor (made once, on first use)."""
+    if not _SHIFT:
+        import torch
+
+        _SHIFT.append(torch.tensor(-127.5 / 128.0, dtype=torch.float32))
+    return _SHIFT[0]
 
 
 def iter_dual_batches(
@@ -430,6 +445,8 @@ def iter_dual_batches(
     ``device`` (uint8 blocks are normalised there); ``labels_on_cpu`` keeps the labels on the
     host (the pool planner needs them there: no device-to-host sync per step).
     """
+    import torch
+
     dev = torch.device(device)
     label_dev = torch.device("cpu") if labels_on_cpu else dev
     h, p = spec.half, spec.identity_batch
@@ -529,6 +546,8 @@ def iter_worker_steps(
     from exactly that step (no replay of what came before). ``steps_per_epoch``: the caller's
     epoch length when it has one (otherwise taken from the shards' samplers).
     """
+    import torch
+
     specs = [StreamSpec.from_config(cfg, world_size=num_shards, rank=s) for s in shard_ids]
     spe = steps_per_epoch or min(sp.steps_per_epoch() for sp in specs)
     streams = []

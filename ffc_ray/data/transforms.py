@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: Ray Data read tasks never load it
+    import torch
 
 
 def normalize_u8(images: np.ndarray) -> np.ndarray:
@@ -31,6 +34,8 @@ def to_tensor_batch(
     images: np.ndarray, flip_mask: np.ndarray | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """uint8 [B, H, W, 3] (optionally flipped per row) -> normalised float tensor on ``device``."""
+    import torch
+
     if flip_mask is not None and flip_mask.any():
         images = flip_batch(images, flip_mask)
     return torch.from_numpy(normalize_u8(images)).to(device, non_blocking=True)

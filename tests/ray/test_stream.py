@@ -310,3 +310,16 @@ def test_consumer_normalisation_is_bit_equal_to_numpy():
     assert np.array_equal(got.numpy(), want)
     f = want[:2].copy()
     assert np.array_equal(_stack_to_tensor([f], torch.device("cpu")).numpy(), f)
+
+
+def test_read_task_modules_do_not_import_torch():
+    """Ray Data read tasks import the stream module in fresh worker processes: it must not
+    pull in torch (about 2 CPU-seconds and 150+ MB per process on a 2-core machine)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ffc_ray.data.stream, ffc_ray.data.reader, ffc_ray.data.transforms; "
+        "sys.exit(3 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

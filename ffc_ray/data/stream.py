@@ -33,6 +33,7 @@ with ``x = I + III`` and ``y = II + IV``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -417,16 +418,12 @@ def _stack_to_tensor(parts: list[np.ndarray], dev: torch.device) -> torch.Tensor
     return torch.add(_shift(), out, alpha=1.0 / 128.0, out=out)
 
 
-_SHIFT: list = []
-
-
+@functools.cache
 def _shift() -> torch.Tensor:
     """The constant -127.5/128 as a float32 tensor (made once, on first use)."""
-    if not _SHIFT:
-        import torch
+    import torch
 
-        _SHIFT.append(torch.tensor(-127.5 / 128.0, dtype=torch.float32))
-    return _SHIFT[0]
+    return torch.tensor(-127.5 / 128.0, dtype=torch.float32)
 
 
 def iter_dual_batches(

@@ -1,12 +1,18 @@
 """Ray Data stream of dual-loader batches from an LMDB store (the only ray import in data/).
 
-Per rank, two datasets feed the worker:
+Per rank, ONE dataset feeds the worker: ``dual_r<rank>``, a row per step holding both views
+of that step as the sampler orders them (``x`` = I + III, ``y`` = II + IV: the instance halves
+and the two distinct images of each sampled identity), their labels and image indices. One
+read task decodes a few whole steps of both loaders, so the dual loader's two streams can never
+fall out of lockstep, and Ray Data runs one execution per rank instead of two (measured with
+benchmarks/data_throughput.py, LFW at 112 px: about 0.3 CPU-s less in the consumer process and
+fewer, larger tasks for 17664 images; median images per CPU-second 4654 against 4120).
 
-* ``inst_r<rank>``: the instance stream, ``instance_batch`` rows per step (halves I and II);
-* ``pair_r<rank>``: the identity stream, ``identity_batch`` rows per step, each an identity
-  with two distinct images (III and IV).
+The two half streams remain available for tools that want them (``kind="inst"``: the instance
+stream, ``instance_batch`` rows per step; ``kind="pair"``: ``identity_batch`` identities per
+step, each with two distinct images, III and IV), read in lockstep by :func:`iter_dual_batches`.
 
-Both are read by :class:`StorePlanDatasource` (Ray Data 2.60 ``Datasource``: ``get_read_tasks(
+All are read by :class:`StorePlanDatasource` (Ray Data 2.60 ``Datasource``: ``get_read_tasks(
 parallelism, per_task_row_limit=None, data_context=None)`` and ``estimate_inmemory_data_size``)
 from the rows the sampler orders for that rank (:mod:`ffc_ray.data.reader` builds them; the
 non-Ray :class:`~ffc_ray.data.reader.StoreDualReader` uses the very same functions). A read
@@ -28,7 +34,8 @@ a 2-CPU machine two training workers at 0.5 CPU each leave room for four read ta
 default of 1 CPU per task they could wait forever (RAY_NOTES 6).
 
 In the worker: ``for batch in worker_dual_batches(spec): trainer.train_step(*batch.tensors())``
-with ``x = I + III`` and ``y = II + IV``.
+with ``x = I + III`` and ``y = II + IV`` (training itself builds the datasets in the worker:
+:func:`iter_worker_steps`).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
-from ffc_ray.data.reader import DualBatch, StreamSpec, instance_rows, pair_rows
+from ffc_ray.data.reader import DualBatch, StreamSpec, instance_rows, pair_rows, row_seeds
 from ffc_ray.data.store import read_records
 from ffc_ray.data.transforms import decode_augment_chw, decode_augment_normalize
 
@@ -54,12 +61,16 @@ if TYPE_CHECKING:  # the consumer functions import torch: a read task's process 
 
 log = logging.getLogger(__name__)
 
-KINDS = ("inst", "pair")
+KINDS = ("inst", "pair", "dual")
 
 #: default rows per read task (one block). Measured with benchmarks/data_throughput.py's setup
 #: (LFW, 112 px, one task at a time, 2 cores): images per CPU-second of the whole stream
 #: 1825 at 256 rows, 2521 at 1024, 2394 at 4096 (fewer tasks, less overlap with the consumer).
 ROWS_PER_TASK = 1024
+
+#: default steps per read task of the dual stream: about ``2 * ROWS_PER_TASK`` images (16 steps
+#: of 64 + 64 at the default batches; measured 8 steps: median 4211 img/CPU-s, 16: 4654)
+DUAL_IMAGES_PER_TASK = 2 * ROWS_PER_TASK
 
 #: shortest time between two turns of Ray Data's scheduling loop (see :class:`QuietScheduler`)
 SCHED_MIN_INTERVAL_S = 0.1
@@ -113,7 +124,8 @@ def quiet_scheduler(ctx: Any) -> None:
 
 
 def dataset_name(kind: str, rank: int) -> str:
-    """The TorchTrainer dataset name of a rank's instance (``inst``) or pair (``pair``) stream."""
+    """The TorchTrainer dataset name of a rank's dual (``dual``), instance (``inst``) or pair
+    (``pair``) stream."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return f"{kind}_r{rank}"
@@ -152,6 +164,8 @@ def _read_chunk(
     """
     store = spec.store_handle()
     size = store.image_size
+    if kind == "dual":
+        return [BlockAccessor.batch_to_block(_dual_rows(spec, store, epoch, lo, hi, normalize))]
     if kind == "inst":
         idx, seed, step = instance_rows(spec, epoch, lo, hi)
         keys = store.keys[idx]
@@ -178,6 +192,27 @@ def _read_chunk(
     batch["epoch"] = np.full(len(step), epoch, dtype=np.int64)
     batch["step"] = np.asarray(step, dtype=np.int64)
     return [BlockAccessor.batch_to_block(batch)]
+
+
+def _dual_rows(spec: StreamSpec, store: Any, epoch: int, lo: int, hi: int, normalize: bool):
+    """Steps lo..hi-1 of ``epoch``, a row each: ``x`` / ``y`` images [n, V, 3, S, S] (the
+    sampler's ``plan.x`` / ``plan.y`` rows, the reader's seeds), ``lx`` / ``ly`` labels and
+    ``ix`` / ``iy`` image indices [n, V], ``epoch`` and ``step`` [n]."""
+    plan, size = spec.plan(epoch), store.image_size
+    seeds = row_seeds(spec, epoch, lo, hi)
+    n, v = hi - lo, plan.view_batch
+    out: dict[str, np.ndarray] = {}
+    for view, rows, sd in (("x", plan.x[lo:hi], seeds[:, 0]), ("y", plan.y[lo:hi], seeds[:, 1])):
+        idx = rows.reshape(-1).astype(np.int64)
+        keys = store.keys[idx]
+        blobs = read_records(store.path, keys, store.shards[idx])
+        images = _prepare(blobs, sd.reshape(-1), keys, spec, size, normalize)
+        out[view] = images.reshape(n, v, *images.shape[1:])
+        out["l" + view] = store.labels[idx].astype(np.int64).reshape(n, v)
+        out["i" + view] = idx.reshape(n, v)
+    out["epoch"] = np.full(n, epoch, dtype=np.int64)
+    out["step"] = np.arange(lo, hi, dtype=np.int64)
+    return out
 
 
 class StorePlanDatasource(Datasource):
@@ -212,6 +247,8 @@ class StorePlanDatasource(Datasource):
 
     @property
     def rows_per_step(self) -> int:
+        if self.kind == "dual":
+            return 1
         return self.spec.instance_batch if self.kind == "inst" else self.spec.identity_batch
 
     def _record_bytes(self) -> int:
@@ -221,9 +258,12 @@ class StorePlanDatasource(Datasource):
             self._bytes_per_record = 3 * size * size * (4 if self.normalize else 1)
         return self._bytes_per_record
 
+    def _row_bytes(self) -> int:
+        images = {"inst": 1, "pair": 2, "dual": 2 * self.spec.view_batch}[self.kind]
+        return self._record_bytes() * images
+
     def estimate_inmemory_data_size(self) -> int | None:
-        per_row = self._record_bytes() * (1 if self.kind == "inst" else 2)
-        return int(self.num_steps * self.rows_per_step * per_row)
+        return int(self.num_steps * self.rows_per_step * self._row_bytes())
 
     def get_read_tasks(
         self,
@@ -234,7 +274,7 @@ class StorePlanDatasource(Datasource):
         # Task boundaries follow steps, not ``parallelism``: each task is a few whole steps,
         # which keeps blocks in step order and task payloads tiny.
         tasks = []
-        per_row = self._record_bytes() * (1 if self.kind == "inst" else 2)
+        per_row = self._row_bytes()
         for epoch, lo, hi in _chunks(
             self.spec, self.start_step, self.num_steps, self.steps_per_task
         ):
@@ -278,17 +318,22 @@ def build_rank_dataset(
     concurrency: int | None = None,
     normalize: bool = False,
 ) -> ray.data.Dataset:
-    """One rank's instance or pair dataset: read tasks that read, decode and augment.
+    """One rank's dual (a row per step: both views), instance or pair dataset: read tasks that
+    read, decode and augment.
 
     Each task asks for ``read_cpus`` and makes one block of ``steps_per_task`` steps (default:
-    about ``ROWS_PER_TASK`` rows). By default (``normalize=False``) the
+    about ``DUAL_IMAGES_PER_TASK`` images for ``dual``, ``ROWS_PER_TASK`` rows otherwise). By
+    default (``normalize=False``) the
     blocks carry uint8 [B, 3, S, S] (4x fewer bytes through the object store and to the GPU
     than float32) and :func:`iter_dual_batches` normalises on the consumer's device, to the
     same values; ``normalize=True`` ships float32 normalised in the task.
     """
     if steps_per_task is None:  # about ROWS_PER_TASK rows (measured best at 112 px, 2 cores)
-        rows = spec.instance_batch if kind == "inst" else spec.identity_batch
-        steps_per_task = max(1, ROWS_PER_TASK // max(1, rows))
+        if kind == "dual":
+            steps_per_task = max(1, DUAL_IMAGES_PER_TASK // max(1, 2 * spec.view_batch))
+        else:
+            rows = spec.instance_batch if kind == "inst" else spec.identity_batch
+            steps_per_task = max(1, ROWS_PER_TASK // max(1, rows))
     spec.store_handle()  # a missing or broken store fails here, in the caller
     src = StorePlanDatasource(spec, kind, start_step, num_steps, steps_per_task, normalize)
     # override_num_blocks = our task count: Ray Data would otherwise split small reads into
@@ -312,28 +357,25 @@ def build_stream_datasets(
     concurrency: int | None = None,
     normalize: bool = False,
 ) -> dict[str, ray.data.Dataset]:
-    """The datasets for ``TorchTrainer(datasets=...)``: ``inst_r<r>`` and ``pair_r<r>`` for every
-    rank ``r < spec.world_size`` (a stream with batch 0 is left out).
+    """The datasets for ``TorchTrainer(datasets=...)``: ``dual_r<r>`` for every rank
+    ``r < spec.world_size`` (read in the worker by :func:`worker_dual_batches`).
 
     Pass :func:`stream_data_config` as ``dataset_config`` so Ray Train leaves them unsplit and
     in order.
     """
-    out: dict[str, ray.data.Dataset] = {}
-    for r in range(spec.world_size):
-        rs = spec.for_rank(r)
-        for kind, rows in (("inst", spec.instance_batch), ("pair", spec.identity_batch)):
-            if rows > 0:
-                out[dataset_name(kind, r)] = build_rank_dataset(
-                    rs,
-                    kind,
-                    num_steps,
-                    start_step,
-                    read_cpus,
-                    steps_per_task,
-                    concurrency,
-                    normalize,
-                )
-    return out
+    return {
+        dataset_name("dual", r): build_rank_dataset(
+            spec.for_rank(r),
+            "dual",
+            num_steps,
+            start_step,
+            read_cpus,
+            steps_per_task,
+            concurrency,
+            normalize,
+        )
+        for r in range(spec.world_size)
+    }
 
 
 def build_stream_from_config(
@@ -509,17 +551,60 @@ def _step_of(batch: dict[str, np.ndarray], what: str, spec: StreamSpec) -> tuple
     return int(e[0]), int(s[0])
 
 
+def iter_step_batches(
+    spec: StreamSpec,
+    it: Any,
+    device: torch.device | str = "cpu",
+    prefetch_batches: int = 2,
+    labels_on_cpu: bool = False,
+) -> Iterator[DualBatch]:
+    """Read a rank's dual stream (``kind="dual"``: a row per step) into :class:`DualBatch`.
+
+    ``it``: a Ray ``DataIterator`` or ``Dataset``; ``prefetch_batches`` counts blocks. Each
+    step's views are contiguous in their block, so a view is one conversion into a fresh tensor
+    on ``device`` (uint8 blocks normalised there), with no concatenation. Steps must follow each
+    other (the next step, or step 0 of the next epoch): anything else raises (is
+    ``preserve_order`` off?). ``labels_on_cpu`` keeps the labels on the host (the pool planner
+    needs them there: no device-to-host sync per step).
+    """
+    import torch
+
+    dev = torch.device(device)
+    label_dev = torch.device("cpu") if labels_on_cpu else dev
+    prev: tuple[int, int] | None = None
+    for blk in it.iter_batches(
+        batch_size=None, batch_format="numpy", drop_last=False, prefetch_batches=prefetch_batches
+    ):
+        x, y, lx, ly, ix, iy = (blk[k] for k in ("x", "y", "lx", "ly", "ix", "iy"))
+        for i, (e, s) in enumerate(zip(blk["epoch"].tolist(), blk["step"].tolist())):
+            if prev is not None and (e, s) not in ((prev[0], prev[1] + 1), (prev[0] + 1, 0)):
+                raise RuntimeError(
+                    f"rank {spec.rank}: the stream went from (epoch, step) {prev} to {(e, s)}: "
+                    "steps out of order (is preserve_order off?)"
+                )
+            prev = (e, s)
+            yield DualBatch(
+                _stack_to_tensor([x[i]], dev),  # a copy: blocks are read-only
+                torch.from_numpy(np.array(lx[i])).to(label_dev),
+                _stack_to_tensor([y[i]], dev),
+                torch.from_numpy(np.array(ly[i])).to(label_dev),
+                e,
+                s,
+                np.array(ix[i]),
+                np.array(iy[i]),
+            )
+
+
 def worker_dual_batches(
     spec: StreamSpec, device: torch.device | str = "cpu", prefetch_batches: int = 2
 ) -> Iterator[DualBatch]:
-    """Inside ``train_loop_per_worker``: this rank's batches from the trainer's datasets."""
+    """Inside ``train_loop_per_worker``: this rank's batches from the trainer's datasets
+    (:func:`build_stream_datasets`)."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    rs = spec.for_rank(rank)
-    inst = ray.train.get_dataset_shard(dataset_name("inst", rank)) if rs.half else None
-    pair = ray.train.get_dataset_shard(dataset_name("pair", rank)) if rs.identity_batch else None
-    return iter_dual_batches(rs, inst, pair, device, prefetch_batches)
+    ds = ray.train.get_dataset_shard(dataset_name("dual", rank))
+    return iter_step_batches(spec.for_rank(rank), ds, device, prefetch_batches)
 
 
 def iter_worker_steps(
@@ -536,8 +621,8 @@ def iter_worker_steps(
     start_step + num_steps)``, streamed by Ray Data from the store of ``cfg.data.source``.
 
     The worker owns the logical data shards ``shard_ids`` of ``num_shards`` (one per worker
-    normally; several for the data-parallel emulation); each gets its instance and pair
-    datasets (uint8 through the object store, normalised on ``device``) and their batches are
+    normally; several for the data-parallel emulation); each gets its dual dataset (uint8
+    through the object store, normalised on ``device``) and their batches are
     concatenated in shard order, as the in-worker reader does. The datasets are built here, in
     the worker, from the step it starts at, so a worker restarted from a checkpoint streams
     from exactly that step (no replay of what came before). ``steps_per_epoch``: the caller's
@@ -549,16 +634,10 @@ def iter_worker_steps(
     spe = steps_per_epoch or min(sp.steps_per_epoch() for sp in specs)
     streams = []
     for sp in specs:
-        kw = {"read_cpus": float(cfg.data.read_cpus), "normalize": False}
-        inst = build_rank_dataset(sp, "inst", num_steps, start_step, **kw) if sp.half else None
-        pair = (
-            build_rank_dataset(sp, "pair", num_steps, start_step, **kw)
-            if sp.identity_batch
-            else None
+        ds = build_rank_dataset(
+            sp, "dual", num_steps, start_step, read_cpus=float(cfg.data.read_cpus)
         )
-        streams.append(
-            iter_dual_batches(sp, inst, pair, device, prefetch_batches, labels_on_cpu=True)
-        )
+        streams.append(iter_step_batches(sp, ds, device, prefetch_batches, labels_on_cpu=True))
     for g in range(int(start_step), int(start_step) + int(num_steps)):
         want = divmod(g, spe)
         parts = []

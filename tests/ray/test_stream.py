@@ -86,7 +86,7 @@ def test_trainer_stream_yields_exactly_the_sampler_keys(ray_session, tiny_store,
     spe = spec.steps_per_epoch()
     num_steps = 2 * spe + 1  # two epochs and one step of the third
     datasets = build_stream_datasets(spec, num_steps, read_cpus=0.25)
-    assert sorted(datasets) == ["inst_r0", "inst_r1", "pair_r0", "pair_r1"]
+    assert sorted(datasets) == ["dual_r0", "dual_r1"]
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"spec": spec, "out": str(tmp_path)},
@@ -172,13 +172,70 @@ def test_driver_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_
         np.testing.assert_array_equal(g.ix, r.ix)
 
 
+def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_store):
+    """The training stream (a row per step, both views decoded in one task), resumed two steps
+    before an epoch ends, in blocks of 3 steps and of the default size: float32 normalised in
+    the task and uint8 normalised by the consumer both equal the non-Ray reader bit for bit."""
+    from ffc_ray.data.stream import build_rank_dataset, iter_step_batches
+
+    spec = StreamSpec(
+        str(tiny_store),
+        M,
+        P,
+        seed=7,
+        world_size=W,
+        rank=1,
+        augment=Augment(flip=True, random_resized_crop=True),
+    )
+    spe = spec.steps_per_epoch()
+    start, num = spe - 2, 5
+    ref = list(StoreDualReader(spec).iter_steps(start, num))
+    for kw in ({"steps_per_task": 3, "normalize": True}, {"normalize": False}):
+        got = list(iter_step_batches(spec, build_rank_dataset(spec, "dual", num, start, **kw)))
+        assert [(b.epoch, b.step) for b in got] == [(0, spe - 2), (0, spe - 1)] + [
+            (1, k) for k in range(3)
+        ]
+        for g, r in zip(got, ref, strict=True):
+            assert (g.epoch, g.step) == (r.epoch, r.step)
+            assert g.x.dtype == torch.float32 and g.x.shape == (M // 2 + P, 3, 16, 16)
+            for f in ("x", "lx", "y", "ly"):
+                np.testing.assert_array_equal(getattr(g, f).numpy(), getattr(r, f).numpy())
+            np.testing.assert_array_equal(g.ix, r.ix)
+            np.testing.assert_array_equal(g.iy, r.iy)
+
+
+def test_dual_stream_refuses_steps_out_of_order():
+    from ffc_ray.data.stream import iter_step_batches
+
+    def rows(steps, epoch=0):
+        n = len(steps)
+        img = np.zeros((n, 3, 3, 1, 1), np.uint8)
+        lab = np.zeros((n, 3), np.int64)
+        return {
+            "x": img,
+            "y": img,
+            "lx": lab,
+            "ly": lab,
+            "ix": lab,
+            "iy": lab,
+            "epoch": np.full(n, epoch, np.int64),
+            "step": np.asarray(steps, np.int64),
+        }
+
+    spec = StreamSpec("unused", 2, 2)
+    ok = list(iter_step_batches(spec, _Blocks([rows([4, 5]), rows([0], epoch=1)])))
+    assert [(b.epoch, b.step) for b in ok] == [(0, 4), (0, 5), (1, 0)]
+    with pytest.raises(RuntimeError, match=r"from \(epoch, step\) \(0, 5\) to \(0, 7\)"):
+        list(iter_step_batches(spec, _Blocks([rows([4, 5]), rows([7])])))
+
+
 def test_instance_only_stream_and_bad_store(ray_session, tiny_store, tmp_path):
-    from ffc_ray.data.stream import build_stream_datasets, iter_dual_batches
+    from ffc_ray.data.stream import build_stream_datasets, iter_step_batches
 
     spec = StreamSpec(str(tiny_store), 6, 0, seed=1, world_size=1)
     ds = build_stream_datasets(spec, num_steps=3)
-    assert sorted(ds) == ["inst_r0"]
-    got = list(iter_dual_batches(spec, ds["inst_r0"], None))
+    assert sorted(ds) == ["dual_r0"]
+    got = list(iter_step_batches(spec, ds["dual_r0"]))
     assert len(got) == 3 and got[0].x.shape == (3, 3, 16, 16)
     ref = DualSampler(open_store(tiny_store).labels, 6, 0, seed=1).epoch_plan(0)
     np.testing.assert_array_equal(np.stack([b.ix for b in got]), ref.x[:3])

@@ -1,7 +1,8 @@
 """Single-process reader of a store, and the pieces it shares with the Ray Data stream.
 
 Both loaders turn the sampler's plan (:class:`ffc_ray.data.sampling.DualSampler`) into rows
-with the functions here (:func:`instance_rows`, :func:`pair_rows`, :func:`row_seeds`) and decode
+with the functions here (:func:`row_seeds` and the plan's ``x`` / ``y`` for the dual stream that
+training reads; :func:`instance_rows`, :func:`pair_rows` for the per-half streams) and decode
 them with :func:`ffc_ray.data.transforms.decode_augment_normalize`; the only difference is
 who runs them (this process, or Ray Data tasks). So a single-process run and a Ray run see the
 same images, labels and augmentations, bit for bit.

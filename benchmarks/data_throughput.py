@@ -10,7 +10,7 @@
     short passes over the set, (b') and (c) stream the same ``--ray-epochs`` epochs of dual
     batches, so (c) / (b') isolates what Ray Data adds;
 (c) ray:    the Ray Data stream end to end as training uses it (``stream.build_rank_dataset``
-    of kind ``dual`` -> ``iter_step_batches``: read tasks that decode + augment both views
+    -> ``iter_step_batches``: read tasks that decode + augment both views
     of a few steps, uint8 blocks of a row per step through the object store, normalised by
     the consumer), at the same parallelism as
     (b): one read/decode task at a time (``concurrency=1``), over ``--ray-epochs`` epochs of
@@ -281,7 +281,7 @@ def bench_ray(
     def run(num: int) -> int:
         kw = {"read_cpus": 1.0, "concurrency": concurrency, "normalize": normalize}
         n = 0
-        for b in iter_step_batches(spec, build_rank_dataset(spec, "dual", num, 0, **kw)):
+        for b in iter_step_batches(spec, build_rank_dataset(spec, num, 0, **kw)):
             n += len(b.x) + len(b.y)
         return n
 

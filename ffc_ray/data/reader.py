@@ -1,18 +1,12 @@
 """Single-process reader of a store, and the pieces it shares with the Ray Data stream.
 
-Both loaders turn the sampler's plan (:class:`ffc_ray.data.sampling.DualSampler`) into rows
-with the functions here (:func:`row_seeds` and the plan's ``x`` / ``y`` for the dual stream that
-training reads; :func:`instance_rows`, :func:`pair_rows` for the per-half streams) and decode
-them with :func:`ffc_ray.data.transforms.decode_augment_normalize`; the only difference is
+Both loaders turn the sampler's plan (:class:`ffc_ray.data.sampling.DualSampler`) into the
+views of each step, ``x = I + III`` and ``y = II + IV`` (:class:`EpochPlan` rows,
+``[S, instance_batch / 2 + identity_batch]``: the instance halves, then column ``j`` of the
+identity part holds two distinct images of one identity), with the seeds of :func:`row_seeds`,
+and decode them with the functions of :mod:`ffc_ray.data.transforms`; the only difference is
 who runs them (this process, or Ray Data tasks). So a single-process run and a Ray run see the
 same images, labels and augmentations, bit for bit.
-
-Rows of one step (per rank), with ``h = instance_batch / 2`` and the plan's views
-``x = I + III``, ``y = II + IV`` (:class:`EpochPlan`, ``[S, h + identity_batch]``):
-
-* instance rows: ``x[s, :h]`` (I) then ``y[s, :h]`` (II): ``instance_batch`` rows;
-* pair rows: ``(x[s, h + j], y[s, h + j])`` for ``j < identity_batch`` (III, IV), one row per
-  identity with its two distinct images.
 
 Augmentation randomness is counter-based: the image in view ``v`` (0 = x, 1 = y), column ``c``
 of step ``s`` of ``epoch`` on ``rank`` gets the seed ``row_seeds(...)[s, v, c]`` whichever
@@ -183,30 +177,6 @@ def row_seeds(spec: StreamSpec, epoch: int, lo: int, hi: int) -> np.ndarray:
     cols = np.arange(v, dtype=np.uint64)[None, None, :]
     counter = (steps * np.uint64(2) + views) * np.uint64(v) + cols
     return splitmix64(splitmix64(counter) ^ base)
-
-
-def instance_rows(spec: StreamSpec, epoch: int, lo: int, hi: int) -> tuple[np.ndarray, ...]:
-    """Instance rows of steps lo..hi-1: (image index, seed, step), each [(hi-lo) * M]."""
-    plan, h = spec.plan(epoch), spec.half
-    seeds = row_seeds(spec, epoch, lo, hi)
-    idx = np.concatenate([plan.x[lo:hi, :h], plan.y[lo:hi, :h]], axis=1)
-    sd = np.concatenate([seeds[:, 0, :h], seeds[:, 1, :h]], axis=1)
-    step = np.repeat(np.arange(lo, hi), 2 * h)
-    return idx.reshape(-1).astype(np.int64), sd.reshape(-1), step
-
-
-def pair_rows(spec: StreamSpec, epoch: int, lo: int, hi: int) -> tuple[np.ndarray, ...]:
-    """Pair rows of steps lo..hi-1: (index 1, index 2, seed 1, seed 2, step), each [(hi-lo)*P]."""
-    plan, h = spec.plan(epoch), spec.half
-    seeds = row_seeds(spec, epoch, lo, hi)
-    step = np.repeat(np.arange(lo, hi), spec.identity_batch)
-    return (
-        plan.x[lo:hi, h:].reshape(-1).astype(np.int64),
-        plan.y[lo:hi, h:].reshape(-1).astype(np.int64),
-        seeds[:, 0, h:].reshape(-1),
-        seeds[:, 1, h:].reshape(-1),
-        step,
-    )
 
 
 def decode_rows(

@@ -1,41 +1,37 @@
 """Ray Data stream of dual-loader batches from an LMDB store (the only ray import in data/).
 
-Per rank, ONE dataset feeds the worker: ``dual_r<rank>``, a row per step holding both views
-of that step as the sampler orders them (``x`` = I + III, ``y`` = II + IV: the instance halves
-and the two distinct images of each sampled identity), their labels and image indices. One
-read task decodes a few whole steps of both loaders, so the dual loader's two streams can never
-fall out of lockstep, and Ray Data runs one execution per rank instead of two (measured with
-benchmarks/data_throughput.py, LFW at 112 px: about 0.3 CPU-s less in the consumer process and
-fewer, larger tasks for 17664 images; median images per CPU-second 4654 against 4120).
+Per rank, ONE dataset feeds the worker: ``dual_r<rank>``, a row per step holding both views of
+that step as the sampler orders them (``x`` = I + III, ``y`` = II + IV: the instance halves and
+the two distinct images of each sampled identity), their labels and image indices. A read task
+decodes a few whole steps of both loaders, so the instance and identity streams cannot fall out
+of lockstep, and Ray Data runs one execution per rank. (An earlier design read an instance and a
+pair dataset per rank in lockstep: measured with benchmarks/data_throughput.py, LFW at 112 px,
+the single dataset costs the consuming process about 0.3 CPU-s less per 17664 images; median
+images per CPU-second of the whole stream 4654 against 4120.)
 
-The two half streams remain available for tools that want them (``kind="inst"``: the instance
-stream, ``instance_batch`` rows per step; ``kind="pair"``: ``identity_batch`` identities per
-step, each with two distinct images, III and IV), read in lockstep by :func:`iter_dual_batches`.
-
-All are read by :class:`StorePlanDatasource` (Ray Data 2.60 ``Datasource``: ``get_read_tasks(
-parallelism, per_task_row_limit=None, data_context=None)`` and ``estimate_inmemory_data_size``)
-from the rows the sampler orders for that rank (:mod:`ffc_ray.data.reader` builds them; the
-non-Ray :class:`~ffc_ray.data.reader.StoreDualReader` uses the very same functions). A read
-task covers a few steps of one epoch: it rebuilds the epoch plan from (seed, epoch, rank) in
-its process (cached there), fetches the raw records through per-process cached LMDB
-environments and decodes + augments them in the same task (the reader's functions from
-:mod:`ffc_ray.data.transforms`); blocks carry uint8 images, normalised by the consumer on its
-device (or float32 normalised in the task, ``normalize=True``). A dataset covers global steps
-``[start_step, start_step + num_steps)`` across epochs, so resuming at a step is exact.
+:class:`StorePlanDatasource` (Ray Data 2.60 ``Datasource``: ``get_read_tasks(parallelism,
+per_task_row_limit=None, data_context=None)`` and ``estimate_inmemory_data_size``) reads the
+steps the sampler orders for that rank with the non-Ray reader's functions
+(:class:`~ffc_ray.data.reader.StreamSpec` plans and seeds). A read task covers a few steps of
+one epoch: it rebuilds the epoch plan from (seed, epoch, rank) in its process (cached there),
+fetches the raw records through per-process cached LMDB environments and decodes + augments
+them in the same task (the reader's functions from :mod:`ffc_ray.data.transforms`); blocks carry
+uint8 images, normalised by the consumer on its device (or float32 normalised in the task,
+``normalize=True``). A dataset covers global steps ``[start_step, start_step + num_steps)``
+across epochs, so resuming at a step is exact.
 
 Why one dataset per rank, not Ray Train's ``streaming_split``: the split hands blocks to
-whichever rank asks first, so a rank's rows would not be the sampler's rows for that rank
-(and an identity's pair could not be tied to a step). Unsplit datasets
-(``DataConfig(datasets_to_split=[])``) are executed lazily by the one worker that iterates
-them, in sampler order (``preserve_order=True``), without a cross-rank barrier.
+whichever rank asks first, so a rank's rows would not be the sampler's rows for that rank.
+Unsplit datasets (``DataConfig(datasets_to_split=[])``) are executed lazily by the one worker
+that iterates them, in sampler order (``preserve_order=True``), without a cross-rank barrier.
 
 CPU: Ray Data tasks ask for ``read_cpus`` (``cfg.data.read_cpus``, 0.25 by default) so that on
 a 2-CPU machine two training workers at 0.5 CPU each leave room for four read tasks; with the
 default of 1 CPU per task they could wait forever (RAY_NOTES 6).
 
-In the worker: ``for batch in worker_dual_batches(spec): trainer.train_step(*batch.tensors())``
-with ``x = I + III`` and ``y = II + IV`` (training itself builds the datasets in the worker:
-:func:`iter_worker_steps`).
+Training builds the datasets in the worker (:func:`iter_worker_steps`); with datasets handed to
+a TorchTrainer (:func:`build_stream_datasets`): ``for batch in worker_dual_batches(spec):
+trainer.train_step(*batch.tensors())``.
 """
 
 from __future__ import annotations
@@ -52,7 +48,7 @@ import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
-from ffc_ray.data.reader import DualBatch, StreamSpec, instance_rows, pair_rows, row_seeds
+from ffc_ray.data.reader import DualBatch, StreamSpec, row_seeds
 from ffc_ray.data.store import read_records
 from ffc_ray.data.transforms import decode_augment_chw, decode_augment_normalize
 
@@ -61,16 +57,10 @@ if TYPE_CHECKING:  # the consumer functions import torch: a read task's process 
 
 log = logging.getLogger(__name__)
 
-KINDS = ("inst", "pair", "dual")
-
-#: default rows per read task (one block). Measured with benchmarks/data_throughput.py's setup
-#: (LFW, 112 px, one task at a time, 2 cores): images per CPU-second of the whole stream
-#: 1825 at 256 rows, 2521 at 1024, 2394 at 4096 (fewer tasks, less overlap with the consumer).
-ROWS_PER_TASK = 1024
-
-#: default steps per read task of the dual stream: about ``2 * ROWS_PER_TASK`` images (16 steps
-#: of 64 + 64 at the default batches; measured 8 steps: median 4211 img/CPU-s, 16: 4654)
-DUAL_IMAGES_PER_TASK = 2 * ROWS_PER_TASK
+#: default images per read task (one block): a few whole steps. Measured with
+#: benchmarks/data_throughput.py's setup (LFW, 112 px, one task at a time, 2 cores), images per
+#: CPU-second of the whole stream: 8 steps of 64 + 64 images (1024) 4211, 16 steps (2048) 4654.
+IMAGES_PER_TASK = 2048
 
 #: shortest time between two turns of Ray Data's scheduling loop (see :class:`QuietScheduler`)
 SCHED_MIN_INTERVAL_S = 0.1
@@ -123,12 +113,9 @@ def quiet_scheduler(ctx: Any) -> None:
         ]
 
 
-def dataset_name(kind: str, rank: int) -> str:
-    """The TorchTrainer dataset name of a rank's dual (``dual``), instance (``inst``) or pair
-    (``pair``) stream."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return f"{kind}_r{rank}"
+def dataset_name(rank: int) -> str:
+    """The TorchTrainer dataset name of a rank's stream."""
+    return f"dual_r{int(rank)}"
 
 
 def _chunks(
@@ -151,72 +138,35 @@ def _chunks(
     return out
 
 
-def _read_chunk(
-    spec: StreamSpec, kind: str, epoch: int, lo: int, hi: int, normalize: bool = False
-) -> list[Any]:
-    """Read task body: steps lo..hi-1 of ``epoch`` for ``spec``'s rank, decoded.
+def _read_chunk(spec: StreamSpec, epoch: int, lo: int, hi: int, normalize: bool) -> list[Any]:
+    """Read task body: steps lo..hi-1 of ``epoch`` for ``spec``'s rank, a row each.
 
-    Reads the raw records (per-process cached LMDB environments), decodes + augments them
-    (:func:`_prepare`, the single-process reader's functions) and returns one block of the
-    images (uint8 [n, 3, S, S], or float32 normalised when ``normalize``) with their labels,
-    store indices and (epoch, step). Decoding here, not in a ``map_batches`` after the read,
-    spares a binary column, its conversion to Python objects and a second operator.
+    Columns: ``x`` / ``y`` images [n, V, 3, S, S] (uint8, or float32 normalised when
+    ``normalize``; the sampler's ``plan.x`` / ``plan.y`` rows with the reader's seeds),
+    ``lx`` / ``ly`` labels and ``ix`` / ``iy`` store indices [n, V], ``epoch`` and ``step``
+    [n]. Decoding here, not in a ``map_batches`` after the read, spares a binary column, its
+    conversion to Python objects and a second operator.
     """
     store = spec.store_handle()
-    size = store.image_size
-    if kind == "dual":
-        return [BlockAccessor.batch_to_block(_dual_rows(spec, store, epoch, lo, hi, normalize))]
-    if kind == "inst":
-        idx, seed, step = instance_rows(spec, epoch, lo, hi)
-        keys = store.keys[idx]
-        blobs = read_records(store.path, keys, store.shards[idx])
-        batch = {
-            "image": _prepare(blobs, seed, keys, spec, size, normalize),
-            "label": store.labels[idx].astype(np.int64),
-            "idx": idx.astype(np.int64),
-        }
-    else:
-        i1, i2, s1, s2, step = pair_rows(spec, epoch, lo, hi)
-        k1, k2 = store.keys[i1], store.keys[i2]
-        batch = {
-            "image1": _prepare(
-                read_records(store.path, k1, store.shards[i1]), s1, k1, spec, size, normalize
-            ),
-            "image2": _prepare(
-                read_records(store.path, k2, store.shards[i2]), s2, k2, spec, size, normalize
-            ),
-            "label": store.labels[i1].astype(np.int64),
-            "idx1": i1.astype(np.int64),
-            "idx2": i2.astype(np.int64),
-        }
-    batch["epoch"] = np.full(len(step), epoch, dtype=np.int64)
-    batch["step"] = np.asarray(step, dtype=np.int64)
-    return [BlockAccessor.batch_to_block(batch)]
-
-
-def _dual_rows(spec: StreamSpec, store: Any, epoch: int, lo: int, hi: int, normalize: bool):
-    """Steps lo..hi-1 of ``epoch``, a row each: ``x`` / ``y`` images [n, V, 3, S, S] (the
-    sampler's ``plan.x`` / ``plan.y`` rows, the reader's seeds), ``lx`` / ``ly`` labels and
-    ``ix`` / ``iy`` image indices [n, V], ``epoch`` and ``step`` [n]."""
     plan, size = spec.plan(epoch), store.image_size
     seeds = row_seeds(spec, epoch, lo, hi)
     n, v = hi - lo, plan.view_batch
-    out: dict[str, np.ndarray] = {}
+    batch: dict[str, np.ndarray] = {}
     for view, rows, sd in (("x", plan.x[lo:hi], seeds[:, 0]), ("y", plan.y[lo:hi], seeds[:, 1])):
         idx = rows.reshape(-1).astype(np.int64)
         keys = store.keys[idx]
         blobs = read_records(store.path, keys, store.shards[idx])
         images = _prepare(blobs, sd.reshape(-1), keys, spec, size, normalize)
-        out[view] = images.reshape(n, v, *images.shape[1:])
-        out["l" + view] = store.labels[idx].astype(np.int64).reshape(n, v)
-        out["i" + view] = idx.reshape(n, v)
-    out["epoch"] = np.full(n, epoch, dtype=np.int64)
-    out["step"] = np.arange(lo, hi, dtype=np.int64)
-    return out
+        batch[view] = images.reshape(n, v, *images.shape[1:])
+        batch["l" + view] = store.labels[idx].astype(np.int64).reshape(n, v)
+        batch["i" + view] = idx.reshape(n, v)
+    batch["epoch"] = np.full(n, epoch, dtype=np.int64)
+    batch["step"] = np.arange(lo, hi, dtype=np.int64)
+    return [BlockAccessor.batch_to_block(batch)]
 
 
 class StorePlanDatasource(Datasource):
-    """Rows of one rank's instance or pair stream for global steps [start, start + num).
+    """Steps [start, start + num) of one rank's dual stream, a row per step.
 
     Each read task is a few steps of one epoch (``steps_per_task``), small to pickle: the
     plan is recomputed from the spec in the task's process and cached there.
@@ -225,45 +175,32 @@ class StorePlanDatasource(Datasource):
     def __init__(
         self,
         spec: StreamSpec,
-        kind: str,
         start_step: int,
         num_steps: int,
         steps_per_task: int = 4,
         normalize: bool = False,
     ) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.spec = spec
-        self.kind = kind
         self.start_step = int(start_step)
         self.num_steps = int(num_steps)
         self.steps_per_task = max(1, int(steps_per_task))
         self.normalize = bool(normalize)
-        self._bytes_per_record: int | None = None
+        self._bytes_per_step: int | None = None
 
     def get_name(self) -> str:
-        return f"Store{self.kind.capitalize()}"
+        return "StoreSteps"
 
-    @property
-    def rows_per_step(self) -> int:
-        if self.kind == "dual":
-            return 1
-        return self.spec.instance_batch if self.kind == "inst" else self.spec.identity_batch
-
-    def _record_bytes(self) -> int:
-        """Bytes of one decoded image in a block (what the object store holds)."""
-        if self._bytes_per_record is None:
+    def _step_bytes(self) -> int:
+        """Bytes of one step's decoded images in a block (what the object store holds)."""
+        if self._bytes_per_step is None:
             size = self.spec.store_handle().image_size
-            self._bytes_per_record = 3 * size * size * (4 if self.normalize else 1)
-        return self._bytes_per_record
-
-    def _row_bytes(self) -> int:
-        images = {"inst": 1, "pair": 2, "dual": 2 * self.spec.view_batch}[self.kind]
-        return self._record_bytes() * images
+            per_image = 3 * size * size * (4 if self.normalize else 1)
+            self._bytes_per_step = 2 * self.spec.view_batch * per_image
+        return self._bytes_per_step
 
     def estimate_inmemory_data_size(self) -> int | None:
-        return int(self.num_steps * self.rows_per_step * self._row_bytes())
+        return int(self.num_steps * self._step_bytes())
 
     def get_read_tasks(
         self,
@@ -274,20 +211,20 @@ class StorePlanDatasource(Datasource):
         # Task boundaries follow steps, not ``parallelism``: each task is a few whole steps,
         # which keeps blocks in step order and task payloads tiny.
         tasks = []
-        per_row = self._row_bytes()
         for epoch, lo, hi in _chunks(
             self.spec, self.start_step, self.num_steps, self.steps_per_task
         ):
-            rows = (hi - lo) * self.rows_per_step
             meta = BlockMetadata(
-                num_rows=rows, size_bytes=int(rows * per_row), exec_stats=None, input_files=None
+                num_rows=hi - lo,
+                size_bytes=int((hi - lo) * self._step_bytes()),
+                exec_stats=None,
+                input_files=None,
             )
-            spec, kind = self.spec, self.kind
-            norm = self.normalize
+            spec, norm = self.spec, self.normalize
             tasks.append(
                 ReadTask(
-                    lambda spec=spec, kind=kind, epoch=epoch, lo=lo, hi=hi, norm=norm: _read_chunk(
-                        spec, kind, epoch, lo, hi, norm
+                    lambda spec=spec, epoch=epoch, lo=lo, hi=hi, norm=norm: _read_chunk(
+                        spec, epoch, lo, hi, norm
                     ),
                     meta,
                     per_task_row_limit=per_task_row_limit,
@@ -310,7 +247,6 @@ def _prepare(
 
 def build_rank_dataset(
     spec: StreamSpec,
-    kind: str,
     num_steps: int,
     start_step: int = 0,
     read_cpus: float = 0.25,
@@ -318,24 +254,19 @@ def build_rank_dataset(
     concurrency: int | None = None,
     normalize: bool = False,
 ) -> ray.data.Dataset:
-    """One rank's dual (a row per step: both views), instance or pair dataset: read tasks that
-    read, decode and augment.
+    """One rank's dataset of global steps ``[start_step, start_step + num_steps)``: read tasks
+    that read, decode and augment both views of a few steps.
 
     Each task asks for ``read_cpus`` and makes one block of ``steps_per_task`` steps (default:
-    about ``DUAL_IMAGES_PER_TASK`` images for ``dual``, ``ROWS_PER_TASK`` rows otherwise). By
-    default (``normalize=False``) the
-    blocks carry uint8 [B, 3, S, S] (4x fewer bytes through the object store and to the GPU
-    than float32) and :func:`iter_dual_batches` normalises on the consumer's device, to the
-    same values; ``normalize=True`` ships float32 normalised in the task.
+    about ``IMAGES_PER_TASK`` images). By default (``normalize=False``) the blocks carry uint8
+    [V, 3, S, S] views (4x fewer bytes through the object store and to the GPU than float32)
+    and :func:`iter_step_batches` normalises on the consumer's device, to the same values;
+    ``normalize=True`` ships float32 normalised in the task.
     """
-    if steps_per_task is None:  # about ROWS_PER_TASK rows (measured best at 112 px, 2 cores)
-        if kind == "dual":
-            steps_per_task = max(1, DUAL_IMAGES_PER_TASK // max(1, 2 * spec.view_batch))
-        else:
-            rows = spec.instance_batch if kind == "inst" else spec.identity_batch
-            steps_per_task = max(1, ROWS_PER_TASK // max(1, rows))
+    if steps_per_task is None:
+        steps_per_task = max(1, IMAGES_PER_TASK // max(1, 2 * spec.view_batch))
     spec.store_handle()  # a missing or broken store fails here, in the caller
-    src = StorePlanDatasource(spec, kind, start_step, num_steps, steps_per_task, normalize)
+    src = StorePlanDatasource(spec, start_step, num_steps, steps_per_task, normalize)
     # override_num_blocks = our task count: Ray Data would otherwise split small reads into
     # more blocks than there are steps' worth of tasks
     n_tasks = len(_chunks(spec, int(start_step), int(num_steps), src.steps_per_task))
@@ -364,9 +295,8 @@ def build_stream_datasets(
     in order.
     """
     return {
-        dataset_name("dual", r): build_rank_dataset(
+        dataset_name(r): build_rank_dataset(
             spec.for_rank(r),
-            "dual",
             num_steps,
             start_step,
             read_cpus,
@@ -396,39 +326,6 @@ def stream_data_config():
     return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
 
 
-def _step_batches(
-    it: Any, rows: int, what: str, rank: int, prefetch: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Cut a stream into steps of ``rows`` rows, from whole blocks.
-
-    Blocks hold whole steps (read tasks are step ranges), so a step is normally a zero-copy
-    slice; a step that spans blocks (Ray split a large block) is concatenated. Cheaper than
-    Ray's generic re-batching, which copies every batch.
-    """
-    pending: list[dict[str, np.ndarray]] = []
-    have = 0
-    for blk in it.iter_batches(
-        batch_size=None, batch_format="numpy", drop_last=False, prefetch_batches=prefetch
-    ):
-        n, pos = len(blk["step"]), 0
-        while pos < n:
-            if not pending and n - pos >= rows:
-                yield {k: v[pos : pos + rows] for k, v in blk.items()}
-                pos += rows
-                continue
-            take = min(rows - have, n - pos)
-            pending.append({k: v[pos : pos + take] for k, v in blk.items()})
-            have += take
-            pos += take
-            if have == rows:
-                yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                pending, have = [], 0
-    if pending:
-        raise RuntimeError(
-            f"rank {rank}: the {what} stream ended inside a step ({have} of {rows} rows)"
-        )
-
-
 def _to_tensor(x: np.ndarray, dev: torch.device) -> torch.Tensor:
     import torch
 
@@ -438,25 +335,22 @@ def _to_tensor(x: np.ndarray, dev: torch.device) -> torch.Tensor:
     return t
 
 
-def _stack_to_tensor(parts: list[np.ndarray], dev: torch.device) -> torch.Tensor:
-    """Concatenate step parts into one image tensor on ``dev``, normalising uint8 blocks.
+def _images_to_tensor(images: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A view's images from a (read-only) block into a fresh tensor on ``dev``, normalising
+    uint8 blocks.
 
-    On the CPU, uint8 parts are converted straight into the float output and normalised with
+    On the CPU, uint8 images are converted straight into the float output and normalised with
     one fused ``-127.5/128 + x/128`` (x/128 is exact for 0..255, so the result is bit-equal to
     numpy's ``x / 128 - 127.5 / 128``): two passes over the floats instead of four.
     """
     import torch
 
-    if dev.type != "cpu" or parts[0].dtype != np.uint8:
-        return _to_tensor(np.concatenate(parts) if len(parts) > 1 else parts[0].copy(), dev)
-    n = sum(len(p) for p in parts)
-    out = torch.empty((n, *parts[0].shape[1:]), dtype=torch.float32)
-    i = 0
-    with warnings.catch_warnings():  # read-only block views, only read here
+    if dev.type != "cpu" or images.dtype != np.uint8:
+        return _to_tensor(images.copy(), dev)  # a copy: blocks are read-only
+    out = torch.empty(images.shape, dtype=torch.float32)
+    with warnings.catch_warnings():  # a read-only block view, only read here
         warnings.simplefilter("ignore", UserWarning)
-        for p in parts:
-            out[i : i + len(p)].copy_(torch.from_numpy(p))
-            i += len(p)
+        out.copy_(torch.from_numpy(images))
     return torch.add(_shift(), out, alpha=1.0 / 128.0, out=out)
 
 
@@ -468,89 +362,6 @@ def _shift() -> torch.Tensor:
     return torch.tensor(-127.5 / 128.0, dtype=torch.float32)
 
 
-def iter_dual_batches(
-    spec: StreamSpec,
-    inst_iter: Any | None,
-    pair_iter: Any | None,
-    device: torch.device | str = "cpu",
-    prefetch_batches: int = 2,
-    labels_on_cpu: bool = False,
-) -> Iterator[DualBatch]:
-    """Read a rank's two streams in lockstep into :class:`DualBatch` (x = I + III, y = II + IV).
-
-    ``inst_iter`` / ``pair_iter``: Ray ``DataIterator`` (or ``Dataset``) of the two streams;
-    ``None`` for a stream whose batch size is 0. ``prefetch_batches`` counts blocks. A step
-    whose two halves disagree on (epoch, step) raises instead of mixing steps. Images go to
-    ``device`` (uint8 blocks are normalised there); ``labels_on_cpu`` keeps the labels on the
-    host (the pool planner needs them there: no device-to-host sync per step).
-    """
-    import torch
-
-    dev = torch.device(device)
-    label_dev = torch.device("cpu") if labels_on_cpu else dev
-    h, p = spec.half, spec.identity_batch
-    inst = (
-        _step_batches(inst_iter, spec.instance_batch, "instance", spec.rank, prefetch_batches)
-        if h
-        else None
-    )
-    pair = _step_batches(pair_iter, p, "pair", spec.rank, prefetch_batches) if p else None
-    while True:
-        a = next(inst, None) if inst is not None else None
-        b = next(pair, None) if pair is not None else None
-        if a is None and b is None:
-            return
-        if (inst is not None and a is None) or (pair is not None and b is None):
-            raise RuntimeError(
-                f"rank {spec.rank}: the instance and pair streams ended at different steps"
-            )
-        where = _step_of(a, "instance", spec) if a is not None else None
-        if b is not None:
-            wb = _step_of(b, "pair", spec)
-            if where is not None and wb != where:
-                raise RuntimeError(
-                    f"rank {spec.rank}: instance stream at (epoch, step) {where}"
-                    f", pair stream at {wb}: streams out of lockstep"
-                )
-            where = wb
-        xs, ys, lxs, lys, ixs, iys = [], [], [], [], [], []
-        if a is not None:
-            xs.append(a["image"][:h])
-            ys.append(a["image"][h:])
-            lxs.append(a["label"][:h])
-            lys.append(a["label"][h:])
-            ixs.append(a["idx"][:h])
-            iys.append(a["idx"][h:])
-        if b is not None:
-            xs.append(b["image1"])
-            ys.append(b["image2"])
-            lxs.append(b["label"])
-            lys.append(b["label"])
-            ixs.append(b["idx1"])
-            iys.append(b["idx2"])
-        yield DualBatch(
-            _stack_to_tensor(xs, dev),  # copies: blocks are read-only
-            torch.from_numpy(np.concatenate(lxs)).to(label_dev),
-            _stack_to_tensor(ys, dev),
-            torch.from_numpy(np.concatenate(lys)).to(label_dev),
-            int(where[0]),
-            int(where[1]),
-            np.concatenate(ixs),
-            np.concatenate(iys),
-        )
-
-
-def _step_of(batch: dict[str, np.ndarray], what: str, spec: StreamSpec) -> tuple[int, int]:
-    e, s = batch["epoch"], batch["step"]
-    n = spec.instance_batch if what == "instance" else spec.identity_batch
-    if len(e) != n or (e != e[0]).any() or (s != s[0]).any():
-        raise RuntimeError(
-            f"rank {spec.rank}: a {what} batch of {len(e)} rows spans several "
-            f"steps (expected {n} rows of one step; is preserve_order off?)"
-        )
-    return int(e[0]), int(s[0])
-
-
 def iter_step_batches(
     spec: StreamSpec,
     it: Any,
@@ -558,7 +369,7 @@ def iter_step_batches(
     prefetch_batches: int = 2,
     labels_on_cpu: bool = False,
 ) -> Iterator[DualBatch]:
-    """Read a rank's dual stream (``kind="dual"``: a row per step) into :class:`DualBatch`.
+    """Read a rank's stream (:func:`build_rank_dataset`: a row per step) into :class:`DualBatch`.
 
     ``it``: a Ray ``DataIterator`` or ``Dataset``; ``prefetch_batches`` counts blocks. Each
     step's views are contiguous in their block, so a view is one conversion into a fresh tensor
@@ -584,9 +395,9 @@ def iter_step_batches(
                 )
             prev = (e, s)
             yield DualBatch(
-                _stack_to_tensor([x[i]], dev),  # a copy: blocks are read-only
+                _images_to_tensor(x[i], dev),  # a copy: blocks are read-only
                 torch.from_numpy(np.array(lx[i])).to(label_dev),
-                _stack_to_tensor([y[i]], dev),
+                _images_to_tensor(y[i], dev),
                 torch.from_numpy(np.array(ly[i])).to(label_dev),
                 e,
                 s,
@@ -603,7 +414,7 @@ def worker_dual_batches(
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    ds = ray.train.get_dataset_shard(dataset_name("dual", rank))
+    ds = ray.train.get_dataset_shard(dataset_name(rank))
     return iter_step_batches(spec.for_rank(rank), ds, device, prefetch_batches)
 
 
@@ -634,9 +445,7 @@ def iter_worker_steps(
     spe = steps_per_epoch or min(sp.steps_per_epoch() for sp in specs)
     streams = []
     for sp in specs:
-        ds = build_rank_dataset(
-            sp, "dual", num_steps, start_step, read_cpus=float(cfg.data.read_cpus)
-        )
+        ds = build_rank_dataset(sp, num_steps, start_step, read_cpus=float(cfg.data.read_cpus))
         streams.append(iter_step_batches(sp, ds, device, prefetch_batches, labels_on_cpu=True))
     for g in range(int(start_step), int(start_step) + int(num_steps)):
         want = divmod(g, spe)

@@ -141,37 +141,6 @@ def _instance_part(got, epoch: int) -> np.ndarray:
     )
 
 
-def test_driver_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_store):
-    from ffc_ray.data.stream import build_rank_dataset, iter_dual_batches
-
-    spec = StreamSpec(
-        str(tiny_store),
-        M,
-        P,
-        seed=5,
-        world_size=W,
-        rank=1,
-        augment=Augment(flip=True, random_resized_crop=True),
-    )
-    spe = spec.steps_per_epoch()
-    start, num = spe - 2, 4  # resume two steps before an epoch ends
-    inst = build_rank_dataset(spec, "inst", num, start, steps_per_task=3)
-    pair = build_rank_dataset(spec, "pair", num, start, steps_per_task=3)
-    got = list(iter_dual_batches(spec, inst, pair))
-    ref = list(StoreDualReader(spec).iter_steps(start, num))
-    assert [(b.epoch, b.step) for b in got] == [(0, spe - 2), (0, spe - 1), (1, 0), (1, 1)]
-    # uint8 through the object store, normalised by the consumer: the same values
-    inst8 = build_rank_dataset(spec, "inst", num, start, normalize=False)
-    pair8 = build_rank_dataset(spec, "pair", num, start, normalize=False)
-    got8 = list(iter_dual_batches(spec, inst8, pair8))
-    for g, g8, r in zip(got, got8, ref):
-        assert (g.epoch, g.step) == (r.epoch, r.step) == (g8.epoch, g8.step)
-        for f in ("x", "lx", "y", "ly"):
-            np.testing.assert_array_equal(getattr(g, f).numpy(), getattr(r, f).numpy())
-            np.testing.assert_array_equal(getattr(g8, f).numpy(), getattr(r, f).numpy())
-        np.testing.assert_array_equal(g.ix, r.ix)
-
-
 def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_store):
     """The training stream (a row per step, both views decoded in one task), resumed two steps
     before an epoch ends, in blocks of 3 steps and of the default size: float32 normalised in
@@ -191,7 +160,7 @@ def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_st
     start, num = spe - 2, 5
     ref = list(StoreDualReader(spec).iter_steps(start, num))
     for kw in ({"steps_per_task": 3, "normalize": True}, {"normalize": False}):
-        got = list(iter_step_batches(spec, build_rank_dataset(spec, "dual", num, start, **kw)))
+        got = list(iter_step_batches(spec, build_rank_dataset(spec, num, start, **kw)))
         assert [(b.epoch, b.step) for b in got] == [(0, spe - 2), (0, spe - 1)] + [
             (1, k) for k in range(3)
         ]
@@ -256,51 +225,6 @@ class _Blocks:
         return iter(self.blocks)
 
 
-def _block(steps, rows):
-    n = len(steps) * rows
-    return {
-        "image": np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) + 100 * steps[0],
-        "label": np.zeros(n, np.int64),
-        "idx": np.arange(n),
-        "epoch": np.zeros(n, np.int64),
-        "step": np.repeat(steps, rows),
-    }
-
-
-def test_step_cutter_handles_blocks_that_split_steps():
-    from ffc_ray.data.stream import _step_batches
-
-    whole = _block(np.arange(4), 3)
-    parts = [{k: v[a:b] for k, v in whole.items()} for a, b in ((0, 2), (2, 7), (7, 12))]
-    steps = list(_step_batches(_Blocks(parts), 3, "instance", 0, 1))
-    assert [s["step"].tolist() for s in steps] == [[0] * 3, [1] * 3, [2] * 3, [3] * 3]
-    np.testing.assert_array_equal(np.concatenate([s["image"] for s in steps]), whole["image"])
-    with pytest.raises(RuntimeError, match="ended inside a step"):
-        list(_step_batches(_Blocks(parts[:2]), 3, "instance", 0, 1))
-
-
-def test_lockstep_mismatch_is_an_error():
-    from ffc_ray.data.stream import iter_dual_batches
-
-    spec = StreamSpec("unused", 2, 1)
-    inst = _Blocks([_block(np.array([0, 1]), 2)])
-    pair = {
-        "image1": np.zeros((1, 1, 1, 1), np.float32),
-        "image2": np.zeros((1, 1, 1, 1), np.float32),
-        "label": np.zeros(1, np.int64),
-        "idx1": np.zeros(1, np.int64),
-        "idx2": np.ones(1, np.int64),
-        "epoch": np.zeros(1, np.int64),
-        "step": np.array([1]),
-    }
-    with pytest.raises(
-        RuntimeError,
-        match=r"instance stream at \(epoch, step\) \(0, 0\), "
-        r"pair stream at \(0, 1\)",
-    ):
-        next(iter_dual_batches(spec, inst, _Blocks([pair])))
-
-
 def test_quiet_scheduler_sleeps_out_only_the_turns_that_came_back_at_once(monkeypatch):
     """Fake clock: a turn that returned after 2 ms sleeps the 98 ms left of the interval; a
     turn that waited 150 ms on its tasks does not sleep at all."""
@@ -345,7 +269,7 @@ def test_stream_datasets_run_with_the_quiet_scheduler(ray_session, tiny_store, m
 
     monkeypatch.setattr(st.QuietScheduler, "on_execution_step", counted)
     spec = StreamSpec(str(tiny_store), M, P, seed=5, world_size=W, rank=0)
-    inst = st.build_rank_dataset(spec, "inst", 3, 0)
+    inst = st.build_rank_dataset(spec, 3, 0)
     assert st.QuietScheduler in inst.context.custom_execution_callback_classes
     st.quiet_scheduler(inst.context)  # idempotent
     assert inst.context.custom_execution_callback_classes.count(st.QuietScheduler) == 1
@@ -354,19 +278,22 @@ def test_stream_datasets_run_with_the_quiet_scheduler(ray_session, tiny_store, m
 
 
 def test_consumer_normalisation_is_bit_equal_to_numpy():
-    """uint8 step parts -> one float tensor, (x - 127.5) / 128 exactly as numpy computes it,
-    every byte value, parts concatenated in order; float parts pass through unchanged."""
-    from ffc_ray.data.stream import _stack_to_tensor
+    """uint8 block images -> a fresh float tensor, (x - 127.5) / 128 exactly as numpy computes
+    it, every byte value, the read-only block untouched; float images pass through unchanged."""
+    from ffc_ray.data.stream import _images_to_tensor
 
     rng = np.random.default_rng(0)
     a = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16).repeat(3, axis=1)
     b = rng.integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
-    got = _stack_to_tensor([a, b], torch.device("cpu"))
-    want = (np.concatenate([a, b]).astype(np.float32) - 127.5) / 128
+    block = np.concatenate([a, b])
+    block.flags.writeable = False
+    got = _images_to_tensor(block, torch.device("cpu"))
+    want = (block.astype(np.float32) - 127.5) / 128
     assert got.dtype == torch.float32 and got.shape == (6, 3, 16, 16)
     assert np.array_equal(got.numpy(), want)
+    assert not np.shares_memory(got.numpy(), block)
     f = want[:2].copy()
-    assert np.array_equal(_stack_to_tensor([f], torch.device("cpu")).numpy(), f)
+    assert np.array_equal(_images_to_tensor(f, torch.device("cpu")).numpy(), f)
 
 
 def test_read_task_modules_do_not_import_torch():

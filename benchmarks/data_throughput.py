@@ -446,6 +446,7 @@ def main() -> int:
     a = main_set["folder"]["ips_per_core"]
     b = main_set["lmdb"]["ips_per_core"]
     c = main_set.get("ray", {}).get("ips_per_core")
+    pairs = paired_ratios(main_set) if "ray" in main_set else None
     summary = {
         "data": "lfw" if "lfw" in results else "synthetic",
         "image_size": SIZE,
@@ -473,10 +474,8 @@ def main() -> int:
         ),
         "lmdb_ips_per_core_median": median_ips(main_set["lmdb"]),
         # (c) / (b) of each interleaved repeat (measured minutes apart at most), then the median
-        "ray_over_lmdb_paired": paired_ratios(main_set) if "ray" in main_set else None,
-        "ray_over_lmdb_paired_median": (
-            round(float(np.median(paired_ratios(main_set))), 3) if "ray" in main_set else None
-        ),
+        "ray_over_lmdb_paired": pairs,
+        "ray_over_lmdb_paired_median": round(float(np.median(pairs)), 3) if pairs else None,
         "ray_ips_per_core_median": median_ips(main_set["ray"]) if "ray" in main_set else None,
         "ray_over_lmdb_median": (
             round(median_ips(main_set["ray"]) / median_ips(main_set["lmdb"]), 3)

@@ -326,15 +326,6 @@ def stream_data_config():
     return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
 
 
-def _to_tensor(x: np.ndarray, dev: torch.device) -> torch.Tensor:
-    import torch
-
-    t = torch.from_numpy(x).to(dev, non_blocking=True)
-    if t.dtype == torch.uint8:  # normalize=False: (x - 127.5) / 128 here, exactly as numpy
-        t = t.to(torch.float32).mul_(1.0 / 128.0).sub_(127.5 / 128.0)
-    return t
-
-
 def _images_to_tensor(images: np.ndarray, dev: torch.device) -> torch.Tensor:
     """A view's images from a (read-only) block into a fresh tensor on ``dev``, normalising
     uint8 blocks.
@@ -346,7 +337,10 @@ def _images_to_tensor(images: np.ndarray, dev: torch.device) -> torch.Tensor:
     import torch
 
     if dev.type != "cpu" or images.dtype != np.uint8:
-        return _to_tensor(images.copy(), dev)  # a copy: blocks are read-only
+        t = torch.from_numpy(images.copy()).to(dev, non_blocking=True)  # blocks are read-only
+        if t.dtype == torch.uint8:  # (x - 127.5) / 128 on the device, exactly as numpy
+            t = t.to(torch.float32).mul_(1.0 / 128.0).sub_(127.5 / 128.0)
+        return t
     out = torch.empty(images.shape, dtype=torch.float32)
     with warnings.catch_warnings():  # a read-only block view, only read here
         warnings.simplefilter("ignore", UserWarning)

@@ -225,46 +225,90 @@ class _Blocks:
         return iter(self.blocks)
 
 
-def test_quiet_scheduler_sleeps_out_only_the_turns_that_came_back_at_once(monkeypatch):
-    """Fake clock: a turn that returned after 2 ms sleeps the 98 ms left of the interval; a
-    turn that waited 150 ms on its tasks does not sleep at all."""
+class _FakeOp:
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.metrics = SimpleNamespace(
+            num_tasks_submitted=0, num_tasks_finished=0, num_task_outputs_generated=0
+        )
+
+
+class _FakeExecutor:
+    def __init__(self) -> None:
+        self.op = _FakeOp()
+        self._topology = {self.op: None}
+
+
+def test_quiet_scheduler_backs_off_only_while_nothing_moves(monkeypatch):
+    """Fake clock and executor: turns that move nothing forward are spaced by pauses of 1, 2,
+    4, ... ms up to 0.1 s; a turn where a task was submitted / finished or a block produced,
+    or one that waited the loop's full 0.1 s on running tasks, starts them over at 1 ms."""
     from ffc_ray.data import stream as st
 
     assert st.QuietScheduler is not None and st.SCHED_MIN_INTERVAL_S == pytest.approx(0.1)
+    assert st.SCHED_FIRST_SLEEP_S == pytest.approx(0.001)
     clock = [10.0]
     slept: list[float] = []
 
     def sleep(s: float) -> None:
-        slept.append(s)
+        slept.append(round(s, 6))
         clock[0] += s
 
     monkeypatch.setattr(st.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(st.time, "sleep", sleep)
-    cb = st.QuietScheduler()
-    cb.on_execution_step(None)  # first turn: nothing to compare with
+    ex, cb = _FakeExecutor(), st.QuietScheduler()
+    cb.on_execution_step(ex)  # first turn: nothing to compare with
     assert slept == []
-    clock[0] += 0.002
-    cb.on_execution_step(None)
-    assert slept == [pytest.approx(0.098)]
-    clock[0] += 0.150  # a turn that waited on running tasks
-    cb.on_execution_step(None)
-    assert slept == [pytest.approx(0.098)]
-    clock[0] += 0.0
-    cb.on_execution_step(None)  # back at once again: a full interval
-    assert slept == [pytest.approx(0.098), pytest.approx(0.1)]
+    for _ in range(9):  # spinning: no wait, no progress
+        cb.on_execution_step(ex)
+    assert slept == [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1, 0.1]
+    slept.clear()
+    clock[0] += 0.03  # a turn that took 30 ms and moved nothing: the rest of the 0.1 s
+    cb.on_execution_step(ex)
+    assert slept == [pytest.approx(0.07)]
+    slept.clear()
+    ex.op.metrics.num_task_outputs_generated += 1  # a block came out: no pause at all
+    cb.on_execution_step(ex)
+    assert slept == []
+    cb.on_execution_step(ex)  # then quick turns start over at 1 ms
+    cb.on_execution_step(ex)
+    assert slept == [0.001, 0.002]
+    ex.op.metrics.num_tasks_finished += 1
+    cb.on_execution_step(ex)
+    ex.op.metrics.num_tasks_submitted += 1
+    cb.on_execution_step(ex)
+    assert slept == [0.001, 0.002]
+    for _ in range(8):
+        cb.on_execution_step(ex)
+    assert slept[-1] == 0.1
+    slept.clear()
+    clock[0] += 0.105  # a turn that waited the full 0.1 s on a running task: not spinning
+    cb.on_execution_step(ex)
+    cb.on_execution_step(ex)
+    assert slept == [0.001]
+    # an executor that does not tell its progress: backed off all the same
+    cb2, blind = st.QuietScheduler(), object()
+    slept.clear()
+    for _ in range(4):
+        cb2.on_execution_step(blind)
+    assert st._progress(blind) is None and slept == [0.001, 0.002, 0.004]
 
 
 def test_stream_datasets_run_with_the_quiet_scheduler(ray_session, tiny_store, monkeypatch):
     """The datasets carry the callback and Ray Data calls it on every turn of its loop (the
-    executor runs in the iterating process, here the test's)."""
+    executor runs in the iterating process, here the test's), and this Ray's executor tells
+    its progress: the counters the callback watches exist and move (tasks submitted and
+    finished, blocks produced)."""
     from ffc_ray.data import stream as st
 
-    turns = []
+    turns, seen = [], []
     monkeypatch.setattr(st, "SCHED_MIN_INTERVAL_S", 0.0)
     orig = st.QuietScheduler.on_execution_step
 
     def counted(self, executor):
         turns.append(type(executor).__name__)
+        seen.append(st._progress(executor))
         return orig(self, executor)
 
     monkeypatch.setattr(st.QuietScheduler, "on_execution_step", counted)
@@ -275,6 +319,10 @@ def test_stream_datasets_run_with_the_quiet_scheduler(ray_session, tiny_store, m
     assert inst.context.custom_execution_callback_classes.count(st.QuietScheduler) == 1
     assert len(list(inst.iter_batches(batch_size=None))) >= 1
     assert turns and set(turns) == {"StreamingExecutor"}
+    assert None not in seen
+    read = seen[-1][-1]  # the read operator's (submitted, finished, blocks produced)
+    assert read[0] == read[1] >= 1 and read[2] >= 1
+    assert seen[0] != seen[-1]
 
 
 def test_consumer_normalisation_is_bit_equal_to_numpy():

@@ -132,15 +132,19 @@ def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> byt
 Source = str | Callable[[], str]
 
 
-def _decode_view(data: bytes, size: int, source: Source) -> np.ndarray:
-    """Decode to uint8 [size, size, 3]; may be a read-only view of a fresh buffer."""
-    Image = _pil()
+def _decode_view(
+    data: bytes, size: int, source: Source, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Decode to uint8 [size, size, 3]: into ``out`` (a writable C-contiguous [size, size, 3])
+    when given and the record is a YCbCr or grayscale JPEG of that size, else a fresh array."""
     if data[:3] == b"\xff\xd8\xff":
+        sj = _simplejpeg()
         try:
-            img = Image.frombytes("RGB", (size, size), data, "jpeg", "RGB", "")
-            return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(size, size, 3)
-        except (ValueError, OSError):
-            pass  # fall through: the full decoder gives the precise error or handles the mode
+            h, w, colorspace, _ = sj.decode_jpeg_header(data)  # about 3 us
+            if (h, w) == (size, size) and colorspace in ("YCbCr", "Gray"):
+                return sj.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
+        except ValueError:
+            pass  # fall through: the full decoder gives the precise error
     if callable(source):
         source = source()
     img = open_image(data, source)
@@ -149,12 +153,21 @@ def _decode_view(data: bytes, size: int, source: Source) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def _simplejpeg():
+    import simplejpeg
+
+    return simplejpeg
+
+
 def decode_record(data: bytes, size: int, source: str = "<record>") -> np.ndarray:
     """Decode one stored record (JPEG or PNG at the network size) to uint8 [size, size, 3].
 
-    JPEG records take Pillow's direct decoder (``Image.frombytes(..., "jpeg")``: no format
-    probing, about 1.5x faster than ``Image.open`` at 112 px); anything else, or a JPEG that is
-    not RGB at ``size``, goes through :func:`open_image`. A record that does not decode to
+    JPEG records (YCbCr or grayscale, as the importers write them) take simplejpeg:
+    libjpeg-turbo straight into a numpy array, or into a given buffer; measured 1.7x faster
+    than Pillow's direct decoder at 112 px (LFW), with bit-identical pixels (tested). Anything
+    else (PNG, CMYK or RGB-coded JPEGs, whose colour conversion Pillow does its own way), a
+    JPEG of another size, or any decoder error (truncation included) goes through Pillow
+    (:func:`open_image`), which gives the precise error. A record that does not decode to
     ``size`` x ``size`` is an error naming ``source``.
     """
     return np.array(_decode_view(data, size, source))
@@ -178,7 +191,9 @@ def decode_records(
     """
     out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     for i, blob in enumerate(blobs):
-        out[i] = _decode_view(blob, size, _source(sources, i))
+        img = _decode_view(blob, size, _source(sources, i), out[i])  # decoded in place ...
+        if not np.may_share_memory(img, out):  # ... unless it took the Pillow path
+            out[i] = img
     return out
 
 
@@ -195,8 +210,9 @@ def decode_records_chw(
     augmentation, which is the official FFC one.
     """
     out = np.empty((len(blobs), 3, size, size), dtype=np.uint8)
+    scratch = np.empty((size, size, 3), dtype=np.uint8)  # the decoder's output, reused
     for i, blob in enumerate(blobs):
-        src = _decode_view(blob, size, _source(sources, i)).transpose(2, 0, 1)
+        src = _decode_view(blob, size, _source(sources, i), scratch).transpose(2, 0, 1)
         out[i] = src[:, :, ::-1] if flip is not None and flip[i] else src
     return out
 

@@ -483,3 +483,61 @@ def test_decode_error_names_the_record_when_names_are_built_lazily(tmp_path):
         decode_augment_chw(
             blobs, np.zeros(2, np.uint64), 16, Augment(), lambda i: f"record #{i} of batch"
         )
+
+
+def _pil_reference(blob: bytes) -> np.ndarray:
+    """Pillow's full decode (Image.open + load, RGB): the reference the fast path must equal."""
+    return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+
+
+def test_fast_jpeg_decode_is_bit_identical_to_pillow_and_decodes_in_place():
+    """simplejpeg (the records' fast path) gives exactly Pillow's pixels for RGB JPEGs of every
+    chroma subsampling and quality and for grayscale JPEGs (channels replicated); CMYK ones
+    take Pillow's path (libjpeg's CMYK -> RGB differs from Pillow's by 1); with a buffer it
+    decodes into it, and the batch decoders fill their outputs with the same pixels."""
+    from ffc_ray.data.transforms import decode_record, decode_records, decode_records_chw
+
+    imgs = smooth_images(6, 24, seed=7)
+    imgs[3] = np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)  # noise
+    blobs = []
+    for i, im in enumerate(imgs):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, "JPEG", quality=(60, 95)[i % 2], subsampling=i % 3)
+        blobs.append(buf.getvalue())
+    gray, cmyk = io.BytesIO(), io.BytesIO()
+    Image.fromarray(imgs[0]).convert("L").save(gray, "JPEG", quality=90)
+    Image.fromarray(imgs[1]).convert("CMYK").save(cmyk, "JPEG", quality=90)
+    blobs += [gray.getvalue(), cmyk.getvalue()]
+    ref = np.stack([_pil_reference(b) for b in blobs])
+    assert (ref[6][..., 0] == ref[6][..., 2]).all()  # the gray one, replicated
+    for i, b in enumerate(blobs):
+        np.testing.assert_array_equal(decode_record(b, 24), ref[i])
+    np.testing.assert_array_equal(decode_records(blobs, 24), ref)
+    flip = np.arange(len(blobs)) % 2 == 1
+    chw = decode_records_chw(blobs, 24, flip)
+    want = ref.transpose(0, 3, 1, 2).copy()
+    want[flip] = want[flip][..., ::-1]
+    np.testing.assert_array_equal(chw, want)
+
+    from ffc_ray.data.transforms import _decode_view
+
+    out = np.zeros((24, 24, 3), np.uint8)
+    got = _decode_view(blobs[0], 24, "b0", out)
+    assert np.shares_memory(got, out) and (out == ref[0]).all()  # decoded in place
+    got = _decode_view(blobs[7], 24, "cmyk", out)  # Pillow's path: a fresh array
+    assert not np.shares_memory(got, out) and (got == ref[7]).all()
+
+
+def test_fast_jpeg_decode_falls_back_to_pillow_for_wrong_size_and_truncated_records():
+    """A JPEG of another size, or a truncated one, never passes as a decoded record: the Pillow
+    path names the record (a truncated JPEG is an error even though libjpeg could recover)."""
+    from ffc_ray.data.transforms import decode_record, decode_records
+
+    im = smooth_images(1, 32)[0]
+    blob = encode_image(im, "jpeg")
+    with pytest.raises(ImageDecodeError, match="rec-a: image is 32x32, store says 24"):
+        decode_record(blob, 24, "rec-a")
+    with pytest.raises(ImageDecodeError, match="rec-b: image is 32x32, store says 40"):
+        decode_records([blob], 40, ["rec-b"])  # a buffer larger than the image
+    with pytest.raises(ImageDecodeError, match="rec-c: cannot decode"):
+        decode_record(blob[: len(blob) // 2], 32, "rec-c")

@@ -179,6 +179,17 @@ def synthetic_folder(n: int, tmp: Path, per_id: int = 6) -> tuple[Path, list[str
 # ---- the three measurements --------------------------------------------------------------
 
 
+def rates(images: int, wall: float, cpu: float) -> dict:
+    """A measurement's images, wall and CPU seconds, and its images per CPU- and wall-second."""
+    return {
+        "images": images,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "ips_per_core": images / cpu,
+        "ips_wall": images / wall,
+    }
+
+
 def bench_folder(files: list[str], box) -> dict:
     for f in files:  # warm the page cache: we measure decode work, not the disk
         with open(f, "rb") as fh:
@@ -187,13 +198,7 @@ def bench_folder(files: list[str], box) -> dict:
     for f in files:
         load_face(f, box, SIZE)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {
-        "images": len(files),
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "ips_per_core": len(files) / cpu,
-        "ips_wall": len(files) / wall,
-    }
+    return rates(len(files), wall, cpu)
 
 
 def bench_folder_fast_decode(files: list[str], box) -> dict:
@@ -210,13 +215,7 @@ def bench_folder_fast_decode(files: list[str], box) -> dict:
             img = Image.fromarray(simplejpeg.decode_jpeg(fh.read(), colorspace="RGB"))
         np.asarray(crop_resize(img, box, SIZE))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {
-        "images": len(files),
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "ips_per_core": len(files) / cpu,
-        "ips_wall": len(files) / wall,
-    }
+    return rates(len(files), wall, cpu)
 
 
 def best(results: list[dict]) -> dict:
@@ -258,15 +257,7 @@ def bench_lmdb(store_path: Path, batch: int = 128, normalize: bool = True) -> di
             out = augment_batch(decode_records(blobs, store.image_size), s, aug)
         n += len(out)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {
-        "images": n,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "ips_per_core": n / cpu,
-        "ips_wall": n / wall,
-        "batch": batch,
-        "normalize": normalize,
-    }
+    return {**rates(n, wall, cpu), "batch": batch, "normalize": normalize}
 
 
 def bench_reader(store_path: Path, instance_batch: int, identity_batch: int, steps: int) -> dict:
@@ -285,14 +276,7 @@ def bench_reader(store_path: Path, instance_batch: int, identity_batch: int, ste
     for b in reader.iter_steps(0, steps):
         n += len(b.x) + len(b.y)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {
-        "images": n,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "ips_per_core": n / cpu,
-        "ips_wall": n / wall,
-        "steps": steps,
-    }
+    return {**rates(n, wall, cpu), "steps": steps}
 
 
 def _reader_child(store: str, go: str, instance_batch: int, identity_batch: int, steps: int):
@@ -341,15 +325,7 @@ def bench_reader_processes(
             p.wait()
         go.unlink(missing_ok=True)
     n, cpu = sum(o["images"] for o in out), sum(o["cpu_s"] for o in out)
-    return {
-        "images": n,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "ips_per_core": n / cpu,
-        "ips_wall": n / wall,
-        "steps": steps,
-        "processes": processes,
-    }
+    return {**rates(n, wall, cpu), "steps": steps, "processes": processes}
 
 
 def bench_ray(

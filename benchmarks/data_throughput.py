@@ -55,6 +55,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -190,32 +191,28 @@ def rates(images: int, wall: float, cpu: float) -> dict:
     }
 
 
-def bench_folder(files: list[str], box) -> dict:
+def bench_folder(files: list[str], box, load: Callable = load_face) -> dict:
     for f in files:  # warm the page cache: we measure decode work, not the disk
         with open(f, "rb") as fh:
             fh.read()
     t0, c0 = time.perf_counter(), time.process_time()
     for f in files:
-        load_face(f, box, SIZE)
+        load(f, box, SIZE)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return rates(len(files), wall, cpu)
 
 
-def bench_folder_fast_decode(files: list[str], box) -> dict:
-    """(a) with the store's JPEG decoder (simplejpeg) instead of Pillow's, then Pillow's crop
-    and resize: what the folder path would cost with the faster decoder (for information)."""
+def load_face_fast_decode(path: str, box, size: int) -> np.ndarray:
+    """:func:`~ffc_ray.data.transforms.load_face` with the store's JPEG decoder (simplejpeg)
+    instead of Pillow's, then Pillow's crop and resize: (a) with the faster decoder."""
     import simplejpeg
     from PIL import Image
 
     from ffc_ray.data.transforms import crop_resize
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    for f in files:
-        with open(f, "rb") as fh:
-            img = Image.fromarray(simplejpeg.decode_jpeg(fh.read(), colorspace="RGB"))
-        np.asarray(crop_resize(img, box, SIZE))
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return rates(len(files), wall, cpu)
+    with open(path, "rb") as fh:
+        img = Image.fromarray(simplejpeg.decode_jpeg(fh.read(), colorspace="RGB"))
+    return np.asarray(crop_resize(img, box, size))
 
 
 def best(results: list[dict]) -> dict:
@@ -260,9 +257,16 @@ def bench_lmdb(store_path: Path, batch: int = 128, normalize: bool = True) -> di
     return {**rates(n, wall, cpu), "batch": batch, "normalize": normalize}
 
 
-def bench_reader(store_path: Path, instance_batch: int, identity_batch: int, steps: int) -> dict:
+def bench_reader(
+    store_path: Path,
+    instance_batch: int,
+    identity_batch: int,
+    steps: int,
+    before_timing: Callable[[], None] | None = None,
+) -> dict:
     """(b'): the single-process reader (``StoreDualReader``) over the SAME steps as (c): the
-    same rows, batches, seeds and decode path, so (c) / (b') is Ray Data's cost alone."""
+    same rows, batches, seeds and decode path, so (c) / (b') is Ray Data's cost alone.
+    ``before_timing`` runs once warmed up, just before the clock starts."""
     from ffc_ray.data.reader import StoreDualReader
 
     spec = StreamSpec(
@@ -271,6 +275,8 @@ def bench_reader(store_path: Path, instance_batch: int, identity_batch: int, ste
     reader = StoreDualReader(spec)
     for _ in reader.iter_steps(0, min(2, steps)):  # open environments, warm pages
         pass
+    if before_timing is not None:
+        before_timing()
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for b in reader.iter_steps(0, steps):
@@ -284,18 +290,14 @@ def _reader_child(store: str, go: str, instance_batch: int, identity_batch: int,
     import torch
 
     torch.set_num_threads(1)
-    from ffc_ray.data.reader import StoreDualReader
 
-    spec = StreamSpec(store, instance_batch, identity_batch, seed=0, augment=Augment(flip=True))
-    reader = StoreDualReader(spec)
-    for _ in reader.iter_steps(0, min(2, steps)):  # open environments, warm pages
-        pass
-    print("ready", flush=True)
-    while not os.path.exists(go):
-        time.sleep(0.002)
-    c0 = time.process_time()
-    n = sum(len(b.x) + len(b.y) for b in reader.iter_steps(0, steps))
-    print(json.dumps({"images": n, "cpu_s": time.process_time() - c0}), flush=True)
+    def wait_for_go() -> None:
+        print("ready", flush=True)
+        while not os.path.exists(go):
+            time.sleep(0.002)
+
+    r = bench_reader(Path(store), instance_batch, identity_batch, steps, wait_for_go)
+    print(json.dumps({"images": r["images"], "cpu_s": r["cpu_s"]}), flush=True)
 
 
 def bench_reader_processes(
@@ -401,7 +403,7 @@ def run_set(name: str, folder: Path, files: list[str], box, tmp: Path, args) -> 
     # interleaved repeats: (a), (b) and (c) see the same machine conditions
     for i in range(args.repeats):
         add("folder", bench_folder(files, box))
-        add("folder_fast_decode", bench_folder_fast_decode(files, box))
+        add("folder_fast_decode", bench_folder(files, box, load_face_fast_decode))
         add("lmdb", bench_lmdb(store))
         add("lmdb_uint8", bench_lmdb(store, normalize=False))
         if not args.no_ray and i < args.ray_repeats:

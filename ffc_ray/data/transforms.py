@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import simplejpeg
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: Ray Data read tasks never load it
     import torch
@@ -138,11 +139,10 @@ def _decode_view(
     """Decode to uint8 [size, size, 3]: into ``out`` (a writable C-contiguous [size, size, 3])
     when given and the record is a YCbCr or grayscale JPEG of that size, else a fresh array."""
     if data[:3] == b"\xff\xd8\xff":
-        sj = _simplejpeg()
         try:
-            h, w, colorspace, _ = sj.decode_jpeg_header(data)  # about 3 us
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)  # about 3 us
             if (h, w) == (size, size) and colorspace in ("YCbCr", "Gray"):
-                return sj.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
         except ValueError:
             pass  # fall through: the full decoder gives the precise error
     if callable(source):
@@ -151,12 +151,6 @@ def _decode_view(
     if img.size != (size, size):
         raise ImageDecodeError(f"{source}: image is {img.size[0]}x{img.size[1]}, store says {size}")
     return np.asarray(img, dtype=np.uint8)
-
-
-def _simplejpeg():
-    import simplejpeg
-
-    return simplejpeg
 
 
 def decode_record(data: bytes, size: int, source: str = "<record>") -> np.ndarray:

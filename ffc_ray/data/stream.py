@@ -51,6 +51,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ffc_ray.data.reader import DualBatch, StreamSpec, row_seeds
 from ffc_ray.data.store import read_records
 from ffc_ray.data.transforms import decode_augment_chw, decode_augment_normalize
+from ffc_ray.heap import reuse_freed_memory
 
 if TYPE_CHECKING:  # the consumer functions import torch: a read task's process never loads it
     import torch
@@ -408,6 +409,7 @@ def iter_step_batches(
     """
     import torch
 
+    reuse_freed_memory()  # a view's fresh float tensor every step: reuse the freed ones
     dev = torch.device(device)
     label_dev = torch.device("cpu") if labels_on_cpu else dev
     prev: tuple[int, int] | None = None

@@ -114,6 +114,13 @@ def ray_cpu_snapshot() -> dict[int, float]:
     return {p: _proc_cpu(p) for p in _descendants(raylet)}
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (fresh memory: each page zeroed and mapped)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(t - before.get(p, 0.0) for p, t in after.items())
 
@@ -219,6 +226,9 @@ def best(results: list[dict]) -> dict:
     """The repeat with the least CPU: on a shared machine, the least disturbed one."""
     out = dict(min(results, key=lambda r: r["cpu_s"]))
     out["repeats_ips_per_core"] = [round(r["ips_per_core"], 1) for r in results]
+    for key in ("minor_faults", "driver_minor_faults"):  # the consuming process's fresh pages
+        if key in results[0]:
+            out[f"repeats_{key}"] = [r[key] for r in results]
     return out
 
 
@@ -277,12 +287,12 @@ def bench_reader(
         pass
     if before_timing is not None:
         before_timing()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, f0 = time.perf_counter(), time.process_time(), minor_faults()
     n = 0
     for b in reader.iter_steps(0, steps):
         n += len(b.x) + len(b.y)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {**rates(n, wall, cpu), "steps": steps}
+    return {**rates(n, wall, cpu), "steps": steps, "minor_faults": minor_faults() - f0}
 
 
 def _reader_child(store: str, go: str, instance_batch: int, identity_batch: int, steps: int):
@@ -356,10 +366,11 @@ def bench_ray(
         return n
 
     run(min(warmup_steps, steps))  # warm-up: worker processes, imports, environments
-    snap, c0, t0 = ray_cpu_snapshot(), time.process_time(), time.perf_counter()
+    snap, c0, t0, f0 = ray_cpu_snapshot(), time.process_time(), time.perf_counter(), minor_faults()
     n = run(steps)
     wall = time.perf_counter() - t0
     driver = time.process_time() - c0
+    driver_faults = minor_faults() - f0
     after = ray_cpu_snapshot()
     ray_procs = cpu_delta(snap, after)
     workers, background = cpu_split(snap, after)
@@ -369,6 +380,7 @@ def bench_ray(
         "wall_s": wall,
         "cpu_s": cpu,
         "cpu_driver_s": driver,
+        "driver_minor_faults": driver_faults,
         "cpu_ray_processes_s": ray_procs,
         "cpu_task_workers_s": workers,
         "cpu_ray_background_s": background,

@@ -24,6 +24,7 @@ malloc settings (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLO
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -45,8 +46,6 @@ USER_MALLOC_ENV = (
     "MALLOC_TOP_PAD_",
     "MALLOC_MMAP_MAX_",
 )
-
-_state: bool | None = None  # None: not tried yet in this process
 
 
 def user_malloc_settings(env: Mapping[str, str] | None = None) -> str | None:
@@ -71,24 +70,20 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+@functools.cache
 def reuse_freed_memory() -> bool:
     """Fix glibc's malloc thresholds in this process (once) so that the big blocks freed after
     a step are reused by the next one. True when the settings are in force (set by this call or
     an earlier one), False where they do not apply (not glibc, or the user's own settings)."""
-    global _state
-    if _state is not None:
-        return _state
     user = user_malloc_settings()
-    libc = None if user else _glibc()
     if user:
         log.debug("malloc: %s is set, leaving glibc's malloc settings alone", user)
-        _state = False
-    elif libc is None:
-        _state = False
-    else:
-        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-        ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
-        if not ok:
-            log.warning("malloc: glibc refused mallopt; freed memory may go back to the kernel")
-        _state = ok
-    return _state
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    if not ok:
+        log.warning("malloc: glibc refused mallopt; freed memory may go back to the kernel")
+    return ok

@@ -186,12 +186,16 @@ def _read_chunk(spec: StreamSpec, epoch: int, lo: int, hi: int, normalize: bool)
     plan, size = spec.plan(epoch), store.image_size
     seeds = row_seeds(spec, epoch, lo, hi)
     n, v = hi - lo, plan.view_batch
+    views = None if normalize else _block_buffer((2, n * v, 3, size, size))
     batch: dict[str, np.ndarray] = {}
-    for view, rows, sd in (("x", plan.x[lo:hi], seeds[:, 0]), ("y", plan.y[lo:hi], seeds[:, 1])):
+    for k, (view, rows, sd) in enumerate(
+        (("x", plan.x[lo:hi], seeds[:, 0]), ("y", plan.y[lo:hi], seeds[:, 1]))
+    ):
         idx = rows.reshape(-1).astype(np.int64)
         keys = store.keys[idx]
         blobs = read_records(store.path, keys, store.shards[idx])
-        images = _prepare(blobs, sd.reshape(-1), keys, spec, size, normalize)
+        out = None if views is None else views[k]
+        images = _prepare(blobs, sd.reshape(-1), keys, spec, size, normalize, out)
         batch[view] = images.reshape(n, v, *images.shape[1:])
         batch["l" + view] = store.labels[idx].astype(np.int64).reshape(n, v)
         batch["i" + view] = idx.reshape(n, v)
@@ -269,7 +273,13 @@ class StorePlanDatasource(Datasource):
 
 
 def _prepare(
-    blobs: list, seeds: np.ndarray, keys: np.ndarray, spec: StreamSpec, size: int, normalize: bool
+    blobs: list,
+    seeds: np.ndarray,
+    keys: np.ndarray,
+    spec: StreamSpec,
+    size: int,
+    normalize: bool,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     def source(i: int) -> str:  # built only for a record that fails to decode
         return f"{spec.store} key {bytes(keys[i]).decode('ascii', 'replace')}"
@@ -277,7 +287,26 @@ def _prepare(
     if normalize:
         return decode_augment_normalize(blobs, seeds, size, spec.augment, source)
     # uint8 [B, 3, S, S]: the same steps, the normalisation left to the consumer
-    return decode_augment_chw(blobs, seeds, size, spec.augment, source)
+    return decode_augment_chw(blobs, seeds, size, spec.augment, source, out)
+
+
+_BLOCK_BUFFER: list[np.ndarray] = []  # this process's read tasks' uint8 image buffer
+
+
+def _block_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 array of ``shape`` for a read task's images, the same memory task after task.
+
+    A block's images (tens of MB) are above glibc's largest mmap threshold (32 MiB), so a fresh
+    array per task is a fresh mapping whose every page the kernel zeroes on first write, only
+    for Ray to copy the block into the object store when the task hands it over. Ray copies a
+    task's output (into the object store, or inline for a small one) as the generator yields
+    it, and a worker process runs one task at a time, so the next task may overwrite the
+    memory. The buffer grows to the largest block asked for and stays at that size.
+    """
+    need = int(np.prod(shape))
+    if not _BLOCK_BUFFER or _BLOCK_BUFFER[0].size < need:
+        _BLOCK_BUFFER[:] = [np.empty(need, dtype=np.uint8)]
+    return _BLOCK_BUFFER[0][:need].reshape(shape)
 
 
 def build_rank_dataset(

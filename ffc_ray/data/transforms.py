@@ -196,14 +196,22 @@ def decode_records_chw(
     size: int,
     flip: np.ndarray | None = None,
     sources: Sequence[str] | Callable[[int], str] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode straight into uint8 [B, 3, size, size], mirroring the rows where ``flip``.
 
     Equal to ``to_chw(decode_records(blobs, size, sources), flip)`` with one copy per image
     instead of two (the decoder's buffer is transposed once, into the output). For the flip-only
-    augmentation, which is the official FFC one.
+    augmentation, which is the official FFC one. ``out``: a writable uint8 [B, 3, size, size]
+    to decode into (returned) instead of a fresh array.
     """
-    out = np.empty((len(blobs), 3, size, size), dtype=np.uint8)
+    shape = (len(blobs), 3, size, size)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.writeable:
+        raise ValueError(
+            f"out: expected a writable uint8 array {shape}, got {out.dtype} {out.shape}"
+        )
     scratch = np.empty((size, size, 3), dtype=np.uint8)  # the decoder's output, reused
     for i, blob in enumerate(blobs):
         src = _decode_view(blob, size, _source(sources, i), scratch).transpose(2, 0, 1)
@@ -338,13 +346,17 @@ def flip_rows(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return images
 
 
-def to_chw(images: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> uint8 [B, 3, H, W], mirroring the rows where ``flip``.
+def to_chw(
+    images: np.ndarray, flip: np.ndarray | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> uint8 [B, 3, H, W], mirroring the rows where ``flip``, into
+    ``out`` when given.
 
     The layout change is a strided copy anyway, so mirroring during it costs nothing.
     """
     b, h, w, c = images.shape
-    out = np.empty((b, c, h, w), dtype=images.dtype)
+    if out is None:
+        out = np.empty((b, c, h, w), dtype=images.dtype)
     if flip is None or not flip.any():
         out[...] = images.transpose(0, 3, 1, 2)
         return out
@@ -392,8 +404,10 @@ def decode_augment_chw(
     size: int,
     aug: Augment,
     sources: Sequence[str] | Callable[[int], str] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Stored records -> augmented uint8 [B, 3, size, size] (the Ray stream's block layout).
+    """Stored records -> augmented uint8 [B, 3, size, size] (the Ray stream's block layout),
+    into ``out`` when given (see :func:`decode_records_chw`).
 
     With the flip as the only augmentation (the official one) each record is decoded straight
     into the output (:func:`decode_records_chw`); otherwise :func:`augment_batch` runs on the
@@ -401,6 +415,6 @@ def decode_augment_chw(
     """
     flip = flip_mask(seeds, aug)
     if not aug.random_resized_crop and not aug.color_jitter > 0:
-        return decode_records_chw(blobs, size, flip, sources)
+        return decode_records_chw(blobs, size, flip, sources, out)
     images = augment_batch(decode_records(blobs, size, sources), seeds, replace(aug, flip=False))
-    return to_chw(images, flip)
+    return to_chw(images, flip, out)

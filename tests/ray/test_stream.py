@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ray.data.block import BlockAccessor
 
 from ffc_ray.data.importers import ImportOptions, import_arrays
 from ffc_ray.data.reader import StoreDualReader, StreamSpec
@@ -159,7 +160,11 @@ def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_st
     spe = spec.steps_per_epoch()
     start, num = spe - 2, 5
     ref = list(StoreDualReader(spec).iter_steps(start, num))
-    for kw in ({"steps_per_task": 3, "normalize": True}, {"normalize": False}):
+    for kw in (
+        {"steps_per_task": 3, "normalize": True},
+        {"normalize": False},
+        {"steps_per_task": 2, "normalize": False},  # three tasks, one image buffer per worker
+    ):
         got = list(iter_step_batches(spec, build_rank_dataset(spec, num, start, **kw)))
         assert [(b.epoch, b.step) for b in got] == [(0, spe - 2), (0, spe - 1)] + [
             (1, k) for k in range(3)
@@ -171,6 +176,37 @@ def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_st
                 np.testing.assert_array_equal(getattr(g, f).numpy(), getattr(r, f).numpy())
             np.testing.assert_array_equal(g.ix, r.ix)
             np.testing.assert_array_equal(g.iy, r.iy)
+
+
+def test_read_tasks_reuse_one_image_buffer_per_process(tiny_store):
+    """A uint8 read task decodes into its process's image buffer, the same memory task after
+    task (no fresh pages to zero; Ray copies each block as the task hands it over): the second
+    task's block overwrites the first's memory in this process and is the reader's pixels; the
+    buffer grows for a bigger block; float32 blocks (normalised in the task) are fresh arrays."""
+    from ffc_ray.data import stream
+
+    spec = StreamSpec(str(tiny_store), M, P, seed=3, augment=Augment(flip=True))
+    ref = list(StoreDualReader(spec).iter_steps(0, 3))
+    stream._BLOCK_BUFFER.clear()
+    a = BlockAccessor.for_block(stream._read_chunk(spec, 0, 0, 1, False)[0]).to_numpy()
+    a_x = a["x"].copy()
+    b = BlockAccessor.for_block(stream._read_chunk(spec, 0, 1, 2, False)[0]).to_numpy()
+    assert np.shares_memory(a["x"], b["x"])  # one buffer: the first block's memory, reused
+    assert not np.array_equal(a["x"], a_x)  # ... so in-process the first block is overwritten
+    for blk, r in ((a_x, ref[0]), (b["x"], ref[1])):
+        got = torch.from_numpy((blk[0].astype(np.float32) - 127.5) / 128)
+        assert torch.equal(got, r.x)
+    np.testing.assert_array_equal((b["y"][0].astype(np.float32) - 127.5) / 128, ref[1].y)
+    small = stream._BLOCK_BUFFER[0]
+    c = BlockAccessor.for_block(stream._read_chunk(spec, 0, 0, 3, False)[0]).to_numpy()
+    assert stream._BLOCK_BUFFER[0].size == 3 * small.size and np.shares_memory(
+        c["y"], stream._BLOCK_BUFFER[0]
+    )
+    for k, r in enumerate(ref):
+        np.testing.assert_array_equal((c["y"][k].astype(np.float32) - 127.5) / 128, r.y)
+    f = BlockAccessor.for_block(stream._read_chunk(spec, 0, 0, 1, True)[0]).to_numpy()
+    assert not np.shares_memory(f["x"], stream._BLOCK_BUFFER[0])
+    np.testing.assert_array_equal(f["x"][0], ref[0].x.numpy())
 
 
 def test_dual_stream_refuses_steps_out_of_order():

@@ -518,6 +518,11 @@ def test_fast_jpeg_decode_is_bit_identical_to_pillow_and_decodes_in_place():
     want = ref.transpose(0, 3, 1, 2).copy()
     want[flip] = want[flip][..., ::-1]
     np.testing.assert_array_equal(chw, want)
+    buf = np.zeros_like(want)
+    assert decode_records_chw(blobs, 24, flip, out=buf) is buf  # into a given array
+    np.testing.assert_array_equal(buf, want)
+    with pytest.raises(ValueError, match="out: expected a writable uint8"):
+        decode_records_chw(blobs, 24, flip, out=buf[1:])
 
     from ffc_ray.data.transforms import _decode_view
 

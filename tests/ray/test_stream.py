@@ -178,6 +178,21 @@ def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_st
             np.testing.assert_array_equal(g.iy, r.iy)
 
 
+def test_object_store_blocks_from_the_reused_buffer_equal_the_reader(ray_session, tiny_store):
+    """Blocks big enough for the object store (over Ray's 100 KB inline limit), several tasks
+    per worker process decoding into the same buffer: every step equals the reader's."""
+    from ffc_ray.data.stream import build_rank_dataset, iter_step_batches
+
+    spec = StreamSpec(str(tiny_store), M, P, seed=5, augment=Augment(flip=True))
+    num, per_task = 80, 20  # 20 steps x 2 views x 4 images x 768 bytes: 123 KB a block
+    got = list(iter_step_batches(spec, build_rank_dataset(spec, num, 0, steps_per_task=per_task)))
+    ref = list(StoreDualReader(spec).iter_steps(0, num))
+    assert len(got) == len(ref) == num
+    for g, r in zip(got, ref, strict=True):
+        assert (g.epoch, g.step) == (r.epoch, r.step)
+        assert torch.equal(g.x, r.x) and torch.equal(g.y, r.y)
+
+
 def test_read_tasks_reuse_one_image_buffer_per_process(tiny_store):
     """A uint8 read task decodes into its process's image buffer, the same memory task after
     task (no fresh pages to zero; Ray copies each block as the task hands it over): the second

@@ -290,23 +290,45 @@ def _prepare(
     return decode_augment_chw(blobs, seeds, size, spec.augment, source, out)
 
 
-_BLOCK_BUFFER: list[np.ndarray] = []  # this process's read tasks' uint8 image buffer
+_BLOCK_BUFFER: dict[str, Any] = {}  # this process's read tasks' uint8 image buffer, its owner
+
+
+def _current_task_id() -> str | None:
+    """The Ray task this code runs in; None outside a Ray worker process (a driver, no Ray)."""
+    try:
+        from ray._private.worker import WORKER_MODE, global_worker
+
+        if not ray.is_initialized() or global_worker.mode != WORKER_MODE:
+            return None
+        return ray.get_runtime_context().get_task_id()
+    except Exception:  # another Ray's internals: never reuse
+        return None
 
 
 def _block_buffer(shape: tuple[int, ...]) -> np.ndarray:
-    """A uint8 array of ``shape`` for a read task's images, the same memory task after task.
+    """A uint8 array of ``shape`` for a read task's images: the same memory task after task.
 
     A block's images (tens of MB) are above glibc's largest mmap threshold (32 MiB), so a fresh
     array per task is a fresh mapping whose every page the kernel zeroes on first write, only
     for Ray to copy the block into the object store when the task hands it over. Ray copies a
-    task's output (into the object store, or inline for a small one) as the generator yields
-    it, and a worker process runs one task at a time, so the next task may overwrite the
-    memory. The buffer grows to the largest block asked for and stays at that size.
+    task's output (into the object store, or inline for a small one) as the task's generator
+    yields it, and a worker process runs one task at a time, so the NEXT task may overwrite the
+    memory. Within one Ray task it may not: were several read tasks run in one Ray task (an
+    operator fused after the read that bundles rows), Ray Data could hold a block while the next
+    is decoded (Ray 2.60 runs this read as its own operator, one read task per Ray task, even
+    before ``map_batches(batch_size=...)``: checked). So the buffer goes to each Ray task once;
+    a second request from the same task, or one outside a Ray task, gets a fresh array.
+    The buffer grows to the largest block asked for and stays at that size.
     """
     need = int(np.prod(shape))
-    if not _BLOCK_BUFFER or _BLOCK_BUFFER[0].size < need:
-        _BLOCK_BUFFER[:] = [np.empty(need, dtype=np.uint8)]
-    return _BLOCK_BUFFER[0][:need].reshape(shape)
+    task = _current_task_id()
+    if task is None or task == _BLOCK_BUFFER.get("task"):
+        return np.empty(shape, dtype=np.uint8)
+    buf = _BLOCK_BUFFER.get("buffer")
+    if buf is None or buf.size < need:
+        buf = np.empty(need, dtype=np.uint8)
+    _BLOCK_BUFFER.update(buffer=buf, task=task)
+    return buf[:need].reshape(shape)
 
 
 def build_rank_dataset(

@@ -191,6 +191,19 @@ def decode_records(
     return out
 
 
+def _chw_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """``out`` checked to be a writable uint8 array of ``shape``, or a fresh one."""
+    if out is None:
+        return np.empty(shape, dtype=np.uint8)
+    if out.shape != shape or out.dtype != np.uint8 or not out.flags.writeable:
+        state = "writable" if out.flags.writeable else "read-only"
+        raise ValueError(
+            f"out: expected a writable uint8 array of shape {shape}, got a {state} "
+            f"{out.dtype} array of shape {out.shape}"
+        )
+    return out
+
+
 def decode_records_chw(
     blobs: list[bytes],
     size: int,
@@ -205,13 +218,7 @@ def decode_records_chw(
     augmentation, which is the official FFC one. ``out``: a writable uint8 [B, 3, size, size]
     to decode into (returned) instead of a fresh array.
     """
-    shape = (len(blobs), 3, size, size)
-    if out is None:
-        out = np.empty(shape, dtype=np.uint8)
-    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.writeable:
-        raise ValueError(
-            f"out: expected a writable uint8 array {shape}, got {out.dtype} {out.shape}"
-        )
+    out = _chw_out(out, (len(blobs), 3, size, size))
     scratch = np.empty((size, size, 3), dtype=np.uint8)  # the decoder's output, reused
     for i, blob in enumerate(blobs):
         src = _decode_view(blob, size, _source(sources, i), scratch).transpose(2, 0, 1)
@@ -355,8 +362,7 @@ def to_chw(
     The layout change is a strided copy anyway, so mirroring during it costs nothing.
     """
     b, h, w, c = images.shape
-    if out is None:
-        out = np.empty((b, c, h, w), dtype=images.dtype)
+    out = _chw_out(out, (b, c, h, w))
     if flip is None or not flip.any():
         out[...] = images.transpose(0, 3, 1, 2)
         return out

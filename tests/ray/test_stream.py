@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from ray.data.block import BlockAccessor
 
@@ -193,35 +194,72 @@ def test_object_store_blocks_from_the_reused_buffer_equal_the_reader(ray_session
         assert torch.equal(g.x, r.x) and torch.equal(g.y, r.y)
 
 
-def test_read_tasks_reuse_one_image_buffer_per_process(tiny_store):
-    """A uint8 read task decodes into its process's image buffer, the same memory task after
-    task (no fresh pages to zero; Ray copies each block as the task hands it over): the second
-    task's block overwrites the first's memory in this process and is the reader's pixels; the
-    buffer grows for a bigger block; float32 blocks (normalised in the task) are fresh arrays."""
+def _norm(images: np.ndarray) -> np.ndarray:
+    return (images.astype(np.float32) - 127.5) / 128
+
+
+def test_read_tasks_reuse_one_image_buffer_per_process(ray_session, tiny_store, monkeypatch):
+    """A uint8 read task decodes into its process's image buffer, the same memory Ray task
+    after Ray task (no fresh pages to zero): the next task's block overwrites the last one's
+    memory, which is safe because Ray copies a block as it is handed over (here ``ray.put``:
+    the first block still reads back as the reader's pixels). The buffer grows for a bigger
+    block; a second block in the same Ray task, a block outside a Ray task and float32 blocks
+    (normalised in the task) get fresh arrays."""
     from ffc_ray.data import stream
 
     spec = StreamSpec(str(tiny_store), M, P, seed=3, augment=Augment(flip=True))
     ref = list(StoreDualReader(spec).iter_steps(0, 3))
-    stream._BLOCK_BUFFER.clear()
-    a = BlockAccessor.for_block(stream._read_chunk(spec, 0, 0, 1, False)[0]).to_numpy()
+    task = ["t1"]
+    monkeypatch.setattr(stream, "_current_task_id", lambda: task[0])
+    monkeypatch.setattr(stream, "_BLOCK_BUFFER", {})
+
+    def chunk(lo: int, hi: int, normalize: bool = False) -> tuple[object, dict]:
+        block = stream._read_chunk(spec, 0, lo, hi, normalize)[0]
+        return block, BlockAccessor.for_block(block).to_numpy()
+
+    block_a, a = chunk(0, 1)
+    ref_a = ray.put(block_a)  # what a task's hand-over does: the block copied out
     a_x = a["x"].copy()
-    b = BlockAccessor.for_block(stream._read_chunk(spec, 0, 1, 2, False)[0]).to_numpy()
+    task[0] = "t2"
+    _, b = chunk(1, 2)
     assert np.shares_memory(a["x"], b["x"])  # one buffer: the first block's memory, reused
-    assert not np.array_equal(a["x"], a_x)  # ... so in-process the first block is overwritten
-    for blk, r in ((a_x, ref[0]), (b["x"], ref[1])):
-        got = torch.from_numpy((blk[0].astype(np.float32) - 127.5) / 128)
-        assert torch.equal(got, r.x)
-    np.testing.assert_array_equal((b["y"][0].astype(np.float32) - 127.5) / 128, ref[1].y)
-    small = stream._BLOCK_BUFFER[0]
-    c = BlockAccessor.for_block(stream._read_chunk(spec, 0, 0, 3, False)[0]).to_numpy()
-    assert stream._BLOCK_BUFFER[0].size == 3 * small.size and np.shares_memory(
-        c["y"], stream._BLOCK_BUFFER[0]
-    )
+    assert not np.array_equal(a["x"], a_x)  # ... so in this process the first is overwritten
+    kept = BlockAccessor.for_block(ray.get(ref_a)).to_numpy()
+    np.testing.assert_array_equal(_norm(kept["x"][0]), ref[0].x.numpy())  # the copy is intact
+    np.testing.assert_array_equal(_norm(kept["y"][0]), ref[0].y.numpy())
+    np.testing.assert_array_equal(_norm(b["x"][0]), ref[1].x.numpy())
+    np.testing.assert_array_equal(_norm(b["y"][0]), ref[1].y.numpy())
+    _, again = chunk(0, 1)  # the same Ray task asks again: a fresh array
+    assert not np.shares_memory(again["x"], b["x"])
+    np.testing.assert_array_equal(_norm(again["x"][0]), ref[0].x.numpy())
+    np.testing.assert_array_equal(_norm(b["x"][0]), ref[1].x.numpy())  # b left alone
+    small = stream._BLOCK_BUFFER["buffer"]
+    task[0] = "t3"
+    _, c = chunk(0, 3)
+    assert stream._BLOCK_BUFFER["buffer"].size == 3 * small.size
+    assert np.shares_memory(c["y"], stream._BLOCK_BUFFER["buffer"])
     for k, r in enumerate(ref):
-        np.testing.assert_array_equal((c["y"][k].astype(np.float32) - 127.5) / 128, r.y)
-    f = BlockAccessor.for_block(stream._read_chunk(spec, 0, 0, 1, True)[0]).to_numpy()
-    assert not np.shares_memory(f["x"], stream._BLOCK_BUFFER[0])
+        np.testing.assert_array_equal(_norm(c["y"][k]), r.y.numpy())
+    task[0] = "t4"
+    _, f = chunk(0, 1, normalize=True)
+    assert not np.shares_memory(f["x"], stream._BLOCK_BUFFER["buffer"])
     np.testing.assert_array_equal(f["x"][0], ref[0].x.numpy())
+    task[0] = None  # not in a Ray task (a driver, no Ray): never the buffer
+    _, d = chunk(0, 1)
+    assert not np.shares_memory(d["x"], stream._BLOCK_BUFFER["buffer"])
+
+
+def test_current_task_id_outside_and_inside_a_ray_task(ray_session):
+    from ffc_ray.data.stream import _current_task_id
+
+    assert _current_task_id() is None  # the driver
+
+    @ray.remote(num_cpus=0.25)
+    def inside() -> tuple:
+        return _current_task_id(), _current_task_id()
+
+    a, b = ray.get([inside.remote(), inside.remote()])
+    assert a[0] and a[0] == a[1] and b[0] and a[0] != b[0]
 
 
 def test_dual_stream_refuses_steps_out_of_order():

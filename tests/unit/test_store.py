@@ -521,8 +521,15 @@ def test_fast_jpeg_decode_is_bit_identical_to_pillow_and_decodes_in_place():
     buf = np.zeros_like(want)
     assert decode_records_chw(blobs, 24, flip, out=buf) is buf  # into a given array
     np.testing.assert_array_equal(buf, want)
-    with pytest.raises(ValueError, match="out: expected a writable uint8"):
-        decode_records_chw(blobs, 24, flip, out=buf[1:])
+    for bad in (buf[1:], buf.astype(np.int16), np.broadcast_to(buf, buf.shape)):  # read-only
+        with pytest.raises(ValueError, match="out: expected a writable uint8 array of shape"):
+            decode_records_chw(blobs, 24, flip, out=bad)
+    from ffc_ray.data.transforms import to_chw
+
+    hwc = want.transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(to_chw(hwc, None, np.zeros_like(buf)), want)
+    with pytest.raises(ValueError, match="out: expected"):
+        to_chw(hwc[:1], None, buf)  # would have broadcast one image into all of them
 
     from ffc_ray.data.transforms import _decode_view
 

@@ -157,6 +157,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: bf16 on CUDA when supported, else fp16; off on CPU | off | bf16 | fp16
     amp: str = "auto"
+    # parameters and arithmetic: float32 | float64 (numerical checks only, e.g. the data-parallel
+    # equivalence test; amp is off in float64)
+    dtype: str = "float32"
     log_interval: int = 20
     eval_interval: int = 100
     checkpoint_interval: int = 100
@@ -280,6 +283,7 @@ _CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("multistep", "cosine", "constant"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.dtype": ("float32", "float64"),
 }
 
 

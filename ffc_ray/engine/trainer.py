@@ -37,6 +37,7 @@ from ffc_ray.config import Config
 from ffc_ray.data.transforms import to_tensor_batch
 from ffc_ray.engine.ema import ema_update
 from ffc_ray.engine.schedule import build_scheduler
+from ffc_ray.heads.base import upcast
 from ffc_ray.registry import HEADS
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """``train.amp`` -> autocast dtype, or None (off). CPU always runs fp32."""
-    if device.type != "cuda" or mode == "off":
+def resolve_amp(mode: str, device: torch.device, dtype: str = "float32") -> torch.dtype | None:
+    """``train.amp`` -> autocast dtype, or None (off). CPU and float64 runs never autocast."""
+    if device.type != "cuda" or mode == "off" or dtype == "float64":
         return None
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
@@ -100,7 +101,8 @@ class Trainer:
         self.is_ffc = cfg.head.type == "ffc"
         self.step = 0
         self.gather = gather or _identity_gather
-        self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
+        self.dtype = getattr(torch, cfg.train.dtype)  # float32, or float64 for numerical checks
+        self.amp_dtype = resolve_amp(cfg.train.amp, self.device, cfg.train.dtype)
 
         if self.is_ffc:
             import ffc_ray.heads.ffc  # noqa: F401 - registers "ffc" even if heads/__init__ does not
@@ -108,8 +110,9 @@ class Trainer:
         # build under a forked RNG: same cfg -> same initial weights, global RNG untouched
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
-            self.pnet = build_backbone(cfg.model, cfg.data.image_size).to(self.device)
-            self.head = HEADS.build(cfg.head.type, cfg, self.num_classes).to(self.device)
+            self.pnet = build_backbone(cfg.model, cfg.data.image_size).to(self.device, self.dtype)
+            head = HEADS.build(cfg.head.type, cfg, self.num_classes)
+            self.head = head.to(self.device, self.dtype)
         self.pnet.train()
         self.gnet: nn.Module | None = None
         self.index = None
@@ -167,12 +170,12 @@ class Trainer:
                 raise ValueError(
                     f"train_step: images must be uint8 [B,H,W,3], got {images.dtype} {images.shape}"
                 )
-            return to_tensor_batch(images, None, self.device)
+            return to_tensor_batch(images, None, self.device).to(self.dtype)
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
                 "train_step: images must be uint8 [B,H,W,3] arrays or float [B,3,H,W] tensors"
             )
-        return images.to(self.device, non_blocking=True).float()
+        return images.to(self.device, self.dtype, non_blocking=True)
 
     def _average_head_grads(self) -> None:
         import torch.distributed as dist
@@ -234,7 +237,7 @@ class Trainer:
         labels = torch.from_numpy(np.concatenate([lx, ly])).to(self.device)
         with self._autocast():
             emb = self.pnet_fwd(torch.cat([x, y]))
-        out = self.head(emb.float(), labels)
+        out = self.head(upcast(emb), labels)
         self._backward(out.loss)
         return {"loss": float(out.loss.detach()), **{k: float(v) for k, v in out.metrics.items()}}
 
@@ -246,8 +249,8 @@ class Trainer:
         symmetric = head.symmetric
         ema_update(self.gnet, self.pnet, self.cfg.pool.momentum, self.cfg.pool.ema_buffers)
         with torch.no_grad(), self._autocast():
-            gy = self.gnet(y).float() if symmetric else None
-            gx = self.gnet(x).float()
+            gy = upcast(self.gnet(y)) if symmetric else None
+            gx = upcast(self.gnet(x))
         empty = np.empty(0, dtype=np.int64)
         lx_t = torch.from_numpy(lx).to(self.device)
         ly_t = torch.from_numpy(ly).to(self.device)
@@ -304,6 +307,7 @@ class Trainer:
         try:
             for i in range(0, len(images_u8), bs):
                 t = to_tensor_batch(np.asarray(images_u8[i : i + bs]), None, self.device)
+                t = t.to(self.dtype)
                 with self._autocast():
                     e = self.pnet(t)
                 out.append(F.normalize(e.float(), dim=1).cpu())

@@ -8,6 +8,12 @@ import torch
 from torch import nn
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32: autocast's float16 / bfloat16 become float32, while float32 and
+    float64 (a float64 run, see ``train.dtype``) pass unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @dataclass
 class HeadOutput:
     """``loss``: scalar to back-propagate; ``metrics``: floats to log (e.g. loss_pos, loss_neg)."""

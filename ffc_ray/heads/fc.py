@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ffc_ray.config import Config
-from ffc_ray.heads.base import Head, HeadOutput
+from ffc_ray.heads.base import Head, HeadOutput, upcast
 from ffc_ray.heads.margins import Margin, build_margin
 from ffc_ray.registry import HEADS
 
@@ -56,7 +56,7 @@ def margin_logits(
     """Scaled logits; L-Softmax additionally gets the class-weight norms (its logits are
     unnormalised, ||W_j|| ||x|| f(cos))."""
     if weight is not None and getattr(margin, "uses_weight_norms", False):
-        return margin(cos, labels, norms, weight.float().norm(dim=1))  # type: ignore[call-arg]
+        return margin(cos, labels, norms, upcast(weight).norm(dim=1))  # type: ignore[call-arg]
     return margin(cos, labels, norms)
 
 
@@ -84,11 +84,11 @@ class FullFC(Head):
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes, "fc head")
         with fp32(embeddings.device):
-            return self._forward(embeddings.float(), labels)
+            return self._forward(upcast(embeddings), labels)
 
     def _forward(self, emb: Tensor, labels: Tensor) -> HeadOutput:
         norms = emb.norm(dim=1)
-        weight = self.weight.float()
+        weight = upcast(self.weight)
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1))
         logits = margin_logits(self.margin, cos, labels, norms, weight)
         loss_cls = F.cross_entropy(logits, labels)

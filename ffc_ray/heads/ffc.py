@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffc_ray.config import Config
-from ffc_ray.heads.base import Head, HeadOutput
+from ffc_ray.heads.base import Head, HeadOutput, upcast
 from ffc_ray.registry import HEADS
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class FFCHead(Head):
             )
         plan = plan_ring_writes(slots_t, new_t, self.ring_pos, self.row_count, self.k_per_id)
         rows, cols = plan.rows[plan.keep], slots_t[plan.keep]
-        feats = F.normalize(gallery.detach().float(), dim=1)[plan.keep]
+        feats = F.normalize(gallery.detach().to(self.pool.dtype), dim=1)[plan.keep]
         undo = WriteUndo(
             rows=rows,
             slots=cols,
@@ -293,7 +293,7 @@ class FFCHead(Head):
         if slots.numel() and (int(slots.max()) >= self.capacity or int(slots.min()) < -1):
             raise ValueError(f"FFCHead.loss: probe slots must lie in [-1, {self.capacity})")
         seen = self._as_index(seen_slots)
-        raw = probe_raw.float()
+        raw = upcast(probe_raw)
         p = F.normalize(raw, dim=1)
         pos = slots >= 0
         neg = ~pos
@@ -311,7 +311,7 @@ class FFCHead(Head):
             if num_pos:
                 cos_pos = cos if everyone else cos[pos]
                 logits = self.margin(cos_pos, target, norms_pos)
-                loss_pos = loss_pos + F.cross_entropy(logits.float(), target)
+                loss_pos = loss_pos + F.cross_entropy(upcast(logits), target)
             if num_neg:
                 loss_neg = loss_neg + self._neg_term(cos if num_pos == 0 else cos[neg])
         if num_pos and getattr(self.margin, "has_extra_loss", False):  # MagFace regulariser

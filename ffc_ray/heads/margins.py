@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ffc_ray.config import ConfigError, HeadConfig
+from ffc_ray.heads.base import upcast
 from ffc_ray.registry import MARGINS
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _check_inputs(cos: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         )
     if target.dtype != torch.long:
         raise ValueError(f"margin: target must be int64 (long), got {target.dtype}")
-    return cos.float().clamp(-1.0, 1.0), target
+    return upcast(cos).clamp(-1.0, 1.0), target
 
 
 def _gather_target(cos: Tensor, target: Tensor) -> Tensor:
@@ -385,7 +386,7 @@ class LSoftmax(_Annealed):
                 f"lsoftmax: norms must be [{cos.shape[0]}] and weight_norms [{cos.shape[1]}], got "
                 f"{tuple(norms.shape)} and {tuple(weight_norms.shape)}"
             )
-        return out * (norms.float()[:, None] * weight_norms.float()[None, :])
+        return out * (upcast(norms)[:, None] * upcast(weight_norms)[None, :])
 
     def apply_margin(self, cos: Tensor, target: Tensor, norms: Tensor | None) -> Tensor:
         return _put_target(cos, target, self._target(_gather_target(cos, target)))
@@ -522,7 +523,7 @@ class MagFace(Margin):
             )
         if norms.dim() != 1 or (batch is not None and norms.shape[0] != batch):
             raise ValueError(f"magface: norms must be [B], got shape {tuple(norms.shape)}")
-        return norms.float().clamp(self.l_a, self.u_a)
+        return upcast(norms).clamp(self.l_a, self.u_a)
 
     def adaptive_margin(self, norms: Tensor) -> Tensor:
         a = self._clamped(norms)
@@ -580,11 +581,11 @@ class AdaptiveFace(Margin):
             raise ValueError(
                 f"adaptiveface: cos has {cos.shape[1]} columns but {self.margins.shape[0]} classes"
             )
-        m = self.margins.float().clamp_min(0.0)[target]
+        m = upcast(self.margins).clamp_min(0.0)[target]
         return _put_target(cos, target, _gather_target(cos, target) - m)
 
     def extra_loss(self, norms: Tensor | None = None) -> Tensor:
-        return -self.lambda_m * self.margins.float().mean()
+        return -self.lambda_m * upcast(self.margins).mean()
 
     @classmethod
     def from_config(cls, head_cfg, num_classes, extras):

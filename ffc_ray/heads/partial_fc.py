@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ffc_ray.config import Config, ConfigError
-from ffc_ray.heads.base import Head, HeadOutput
+from ffc_ray.heads.base import Head, HeadOutput, upcast
 from ffc_ray.heads.fc import check_batch, fp32, margin_logits
 from ffc_ray.heads.margins import build_margin
 from ffc_ray.registry import HEADS
@@ -116,7 +116,7 @@ class PartialFC(Head):
         if sampled.requires_grad:
             self._index, self._sampled = index, sampled
         with fp32(embeddings.device):
-            return self._forward(embeddings.float(), local, index, sampled)
+            return self._forward(upcast(embeddings), local, index, sampled)
 
     def _forward(self, emb: Tensor, local: Tensor, index: Tensor, sampled: Tensor) -> HeadOutput:
         norms = emb.norm(dim=1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ffc_ray.config import Config
-from ffc_ray.heads.base import Head, HeadOutput
+from ffc_ray.heads.base import Head, HeadOutput, upcast
 from ffc_ray.heads.fc import check_batch, fp32
 from ffc_ray.registry import HEADS
 
@@ -51,7 +51,7 @@ class TripletHead(Head):
             return self._forward(embeddings, labels)
 
     def _forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
-        emb = F.normalize(embeddings.float(), dim=1)
+        emb = F.normalize(upcast(embeddings), dim=1)
         dist = squared_distances(emb)
         n = labels.shape[0]
         same = labels[:, None] == labels[None, :]

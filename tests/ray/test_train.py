@@ -126,7 +126,7 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(
         assert _rel([c2["pnet"][n] for n in names], [c1["pnet"][n] for n in names]) < F64_RTOL
         assert _rel([c1["pnet"][n] for n in names], [c1["gnet"][n] for n in names]) > 1e-3
         assert _rel([c2["gnet"][n] for n in names], [c1["gnet"][n] for n in names]) < F64_RTOL
-        moms = [[st["momentum_buffer"] for st in c["optimizer"]["state"].values()] for c in (c2, c1)]
+        moms = [[s["momentum_buffer"] for s in c["optimizer"]["state"].values()] for c in (c2, c1)]
         assert _rel(*moms) < F64_RTOL
         assert _rel([c2["head"]["pool"]], [c1["head"]["pool"]]) < F64_RTOL
         for key in ("row_count", "ring_pos"):

@@ -198,6 +198,37 @@ def test_train_step_each_head(head):
         assert tr.head.occupancy() == len(tr.index)
 
 
+def test_upcast_widens_autocast_outputs_and_keeps_float64():
+    from ffc_ray.heads.base import upcast
+
+    for dt in (torch.float16, torch.bfloat16):
+        assert upcast(torch.ones(2, dtype=dt)).dtype == torch.float32
+    for dt in (torch.float32, torch.float64):
+        t = torch.ones(2, dtype=dt)
+        assert upcast(t) is t
+
+
+@pytest.mark.parametrize("head", ["ffc", "fc", "partial_fc", "triplet"])
+def test_float64_runs_every_tensor_in_float64_and_matches_float32(head):
+    """train.dtype float64 (numerical checks): weights, pool, head and optimiser state are all
+    float64, and the first loss (before any update, a continuous function of the same initial
+    weights) equals the float32 run's up to float32 round-off (observed 1e-7 .. 2e-6 relative;
+    the triplet loss is a difference of distances, so the most cancellation)."""
+    losses = {}
+    for dt in ("float32", "float64"):
+        tr = Trainer(tiny_cfg(head, **{"train.dtype": dt}), NUM_IDS, "cpu")
+        losses[dt] = tr.train_step(*make_batch(0, tr.cfg))["loss"]
+        tr.train_step(*make_batch(1, tr.cfg))
+        tensors = [*tr.pnet.state_dict().values(), *tr.head.state_dict().values()]
+        tensors += [v for st in tr.optimizer.state.values() for v in st.values()]
+        if tr.gnet is not None:
+            tensors += list(tr.gnet.state_dict().values())
+        floats = {t.dtype for t in tensors if torch.is_tensor(t) and t.is_floating_point()}
+        assert floats == {getattr(torch, dt)}, (dt, floats)
+        assert tr.embed(make_batch(2, tr.cfg)[0]).dtype == torch.float32
+    assert losses["float64"] == pytest.approx(losses["float32"], rel=1e-4)
+
+
 def test_ffc_pool_holds_gnet_features_of_the_commit_view():
     cfg = tiny_cfg("ffc", **{"head.k_per_id": 1})
     tr = Trainer(cfg, NUM_IDS, "cpu")

@@ -176,8 +176,9 @@ def test_synthetic_run_learns_and_writes_tensorboard_and_checkpoints(
     final = run.result.metrics
     assert final["step"] == 150
     acc = final["synthetic/accuracy"]
-    # 150 steps of a toy run are chaotic: float summation order alone moved the final
-    # accuracy between 0.59 and 0.79 (scale 32, two seeds); chance is 0.5
+    # 150 steps of a toy run are chaotic: round-off alone (kernel sets, thread counts, one-ulp
+    # nudges of the initial weights; 16 variants of this config in one process) moved the final
+    # accuracy between 0.755 and 0.843 (from 0.54 untrained); chance is 0.5
     assert acc > 0.65 and acc > evals[0]["synthetic/accuracy"] + 0.1, (evals[0], acc)
     assert final["score"] == acc
     # resolved config in the run folder, TensorBoard scalars / images / hparams

@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 def plain_steps(cfg, steps: int, warmup: int, threads: int) -> dict:
     import torch
 
+    from ffc_ray.data.source import WorkerData
     from ffc_ray.engine.trainer import Trainer
-    from ffc_ray.ray.train import WorkerData
 
     torch.set_num_threads(threads)
     data = WorkerData(cfg, 0, 1)

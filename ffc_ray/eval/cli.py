@@ -41,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the best (else latest) checkpoint of a run folder."""
-    from ffc_ray.ray.train import META_FILE, STATE_FILE
+    from ffc_ray.engine.checkpoint import META_FILE, STATE_FILE
 
     p = Path(path)
     if (p / STATE_FILE).is_file():
@@ -66,8 +66,8 @@ def load_backbone(ckpt_dir: Path, device: str = "cpu") -> tuple[Any, Any, dict[s
     import torch
 
     from ffc_ray.config import Config
+    from ffc_ray.engine.checkpoint import META_FILE, load_checkpoint_state
     from ffc_ray.models import build_backbone
-    from ffc_ray.ray.train import META_FILE, load_checkpoint_state
 
     state = load_checkpoint_state(ckpt_dir)
     cfg = Config.from_dict(state["config"])
@@ -118,8 +118,8 @@ def evaluate_checkpoint(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate, write ``metrics.json`` and figures; returns the metrics per set."""
+    from ffc_ray.eval.sets import load_eval_sets
     from ffc_ray.eval.verification import evaluate
-    from ffc_ray.ray.train import load_eval_sets
 
     ckpt = find_checkpoint(checkpoint)
     net, cfg, meta = load_backbone(ckpt, device)

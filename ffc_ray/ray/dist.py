@@ -16,7 +16,6 @@ checkpoint, where the index is reloaded (see ``ffc_ray/ray/train.py``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from typing import Any
@@ -106,16 +105,6 @@ def broadcast_array(
         t = torch.empty(length, dtype=dtype, device=dev)
     dist.broadcast(t, src=src)
     return t.cpu().numpy()
-
-
-def tensor_checksum(*tensors: torch.Tensor) -> str:
-    """SHA-256 of the tensors' bytes (CPU copies), to compare replicated buffers across ranks."""
-    h = hashlib.sha256()
-    for t in tensors:
-        a = t.detach().cpu().contiguous()
-        h.update(str(a.dtype).encode() + str(tuple(a.shape)).encode())
-        h.update(a.numpy().tobytes() if a.dtype != torch.bfloat16 else a.float().numpy().tobytes())
-    return h.hexdigest()
 
 
 def all_gather_strings(s: str, max_len: int = 128) -> list[str]:

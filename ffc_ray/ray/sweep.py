@@ -56,6 +56,8 @@ from ray.tune.logger import TBXLoggerCallback
 
 from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
+from ffc_ray.data.source import num_training_classes
+from ffc_ray.eval.sets import check_eval_sets
 from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
 from ffc_ray.ray.sweep_results import (
     BEST_CONFIG,
@@ -187,7 +189,7 @@ def trial_driver(
     cfg = trial_config(spec, values, exp_dir, trial_id, staging)
     name = train_run_name(trial_id)
     static = {
-        "head_memory_mb": head_memory_mb(cfg, rt.num_training_classes(cfg)),
+        "head_memory_mb": head_memory_mb(cfg, num_training_classes(cfg)),
         "started_at": time.time(),
     }
     progress = str(rt.storage_root(cfg) / name / "progress.jsonl")
@@ -355,22 +357,20 @@ def preflight(spec: SweepSpec) -> None:
 
     The pure checks (keys, ranges, metrics the trainer reports) ran when the sweep was parsed.
     """
-    from ffc_ray.ray import train as rt
-
     cfgs = [("base", spec.base)] + [
         (f"search.{p.key}={v!r}", spec.trial_config({p.key: v}))
         for p in spec.params
         for v in p.bounds()
     ]
-    num_classes = rt.num_training_classes(spec.base)
+    num_classes = num_training_classes(spec.base)
     for where, cfg in cfgs:
         try:
             if cfg.data.source != spec.base.data.source:
-                num = rt.num_training_classes(cfg)
+                num = num_training_classes(cfg)
             else:
                 num = num_classes
             cfg.check_pool_fits(num)
-            rt.check_eval_sets(cfg)
+            check_eval_sets(cfg)
         except ConfigError as exc:
             raise ConfigError(f"sweep {spec.name}, {where}: {exc}") from None
     asha = spec.tune.asha

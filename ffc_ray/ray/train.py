@@ -31,7 +31,6 @@ import random
 import re
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +41,23 @@ import torch.distributed as dist
 
 from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
-from ffc_ray.data.types import FaceArrays, VerificationSet
+from ffc_ray.data.source import WorkerData, num_training_classes
+from ffc_ray.engine.checkpoint import (
+    CONFIG_FILE,
+    META_FILE,
+    load_checkpoint_state,
+    model_checksum,
+    pool_checksum,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from ffc_ray.eval.sets import SCORE_KEY, check_eval_sets, evaluate_sets, load_eval_sets
 from ffc_ray.ray import dist as rdist
 from ffc_ray.ray.tb import RunLogger, flat_hparams, process_memory_mb
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-CONFIG_FILE = "config.yaml"
-SCORE_KEY = "score"  # accuracy on the first eval.pairs set; the checkpoint ranking attribute
 #: score of a checkpoint saved without an evaluation: below any accuracy, and finite (Ray's
 #: checkpoint-manager snapshot stores NaN as null, which breaks the ranking on resume)
 NOT_EVALUATED = -1.0
@@ -61,311 +67,8 @@ NOT_EVALUATED = -1.0
 # data on one worker
 
 
-def load_train_arrays(cfg: Config) -> FaceArrays:
-    """The training images in memory: synthetic identities, or a store read without Ray."""
-    if cfg.data.source == "synthetic":
-        from ffc_ray.data.synthetic import synthetic_split
-
-        return synthetic_split(cfg.data)[0]
-    return _open_train_store(cfg).to_arrays()
-
-
-def _open_train_store(cfg: Config) -> Any:
-    """The training store; a URI source is synced to this node's cache first."""
-    from ffc_ray.data.store import StoreError, open_store
-
-    if storage.is_uri(cfg.data.source):
-        try:
-            store = open_store(cfg.data.source)
-        except StoreError as exc:
-            raise ConfigError(f"config field 'data.source': {exc}") from exc
-    else:
-        if not Path(cfg.data.source).exists():
-            raise ConfigError(
-                f"config field 'data.source': store {cfg.data.source} does not exist "
-                "(write one with `ffc-ray data import`)"
-            )
-        store = open_store(cfg.data.source)
-    if store.image_size != cfg.data.image_size:
-        raise ConfigError(
-            f"config field 'data.image_size': {cfg.data.image_size} but the store "
-            f"{cfg.data.source} holds {store.image_size}px images"
-        )
-    return store
-
-
-def num_training_classes(cfg: Config) -> int:
-    """Identities in the training set (the pool size is a fraction of it)."""
-    if cfg.data.source == "synthetic":
-        return cfg.data.num_identities
-    return _open_train_store(cfg).num_identities
-
-
-def load_eval_sets(cfg: Config) -> list[VerificationSet]:
-    """``eval.pairs``: "synthetic" = held-out synthetic identities; else a verification file."""
-    out = []
-    for i, spec in enumerate(cfg.eval.pairs):
-        if spec == "synthetic":
-            if cfg.data.source != "synthetic":
-                raise ConfigError(
-                    f"config field 'eval.pairs[{i}]': 'synthetic' needs "
-                    "data.source: synthetic (the held-out synthetic identities)"
-                )
-            from ffc_ray.data.synthetic import synthetic_split
-
-            out.append(synthetic_split(cfg.data, num_folds=cfg.eval.folds)[1])
-        else:
-            from ffc_ray.data.pairs import load_pairs
-
-            vset = load_pairs(_local_pairs(spec, i), image_size=cfg.data.image_size)
-            if vset.left.shape[1] != cfg.data.image_size:
-                raise ConfigError(
-                    f"config field 'eval.pairs[{i}]': {spec} holds "
-                    f"{vset.left.shape[1]}px images, data.image_size is "
-                    f"{cfg.data.image_size}"
-                )
-            out.append(vset)
-    return out
-
-
-def _local_pairs(spec: str, i: int) -> str | Path:
-    """A verification file's local path: a URI is copied to this node's cache first."""
-    if not storage.is_uri(spec):
-        return spec
-    try:
-        return storage.cached_file(spec)
-    except storage.StorageError as exc:
-        raise ConfigError(f"config field 'eval.pairs[{i}]': {exc}") from exc
-
-
-def check_eval_sets(cfg: Config) -> None:
-    """Fail before training when an ``eval.pairs`` entry cannot be found."""
-    for i, spec in enumerate(cfg.eval.pairs):
-        if spec == "synthetic":
-            if cfg.data.source != "synthetic":
-                raise ConfigError(
-                    f"config field 'eval.pairs[{i}]': 'synthetic' needs data.source: synthetic"
-                )
-        elif storage.is_uri(spec):
-            if not spec.split("?")[0].endswith((".npz", ".bin")):
-                raise ConfigError(
-                    f"config field 'eval.pairs[{i}]': {spec}: a verification set at a URI "
-                    "must be one .npz (ffc-ray data pairs) or .bin file"
-                )
-            try:
-                found = storage.is_file(spec)
-            except storage.StorageError as exc:
-                raise ConfigError(f"config field 'eval.pairs[{i}]': {exc}") from exc
-            if not found:
-                raise ConfigError(
-                    f"config field 'eval.pairs[{i}]': {spec} does not exist (or this node's "
-                    "credentials may not read it)"
-                )
-        elif not Path(spec).exists():
-            raise ConfigError(
-                f"config field 'eval.pairs[{i}]': {spec} does not exist "
-                "(write one with `ffc-ray data pairs`)"
-            )
-
-
-class WorkerData:
-    """This worker's dual-loader batches, from logical data shards.
-
-    The sampler is split into ``shards`` logical shards (default: one per worker); a worker
-    holds ``shards / world`` consecutive shards and concatenates their batches. So one worker
-    with ``shards=2`` sees exactly the global batch that two workers see together, in the
-    same (gather) order: the reference for the data-parallel equivalence test.
-
-    Synthetic data: in-memory arrays, :class:`~ffc_ray.data.sampling.DualSampler` plans, flips
-    drawn from (seed, epoch, position, shard). A store: the non-Ray
-    :class:`~ffc_ray.data.reader.StoreDualReader` per shard (same rows, seeds and decoding as the
-    Ray Data stream). Both are functions of (seed, epoch, shard, position) only, so a resumed
-    run reads exactly what the uninterrupted run would have read.
-    """
-
-    def __init__(
-        self,
-        cfg: Config,
-        rank: int,
-        world: int,
-        shards: int | None = None,
-        arrays: FaceArrays | None = None,
-    ) -> None:
-        shards = int(shards or world)
-        if shards % world:
-            raise ValueError(f"data shards ({shards}) must be a multiple of the workers ({world})")
-        per = shards // world
-        self.cfg = cfg
-        self.shard_ids = list(range(rank * per, (rank + 1) * per))
-        self.num_shards = shards
-        self.arrays: FaceArrays | None = None
-        self.readers: list[Any] = []
-        self.samplers: list[Any] = []
-        if cfg.data.source == "synthetic":
-            from ffc_ray.data.sampling import DualSampler
-
-            self.arrays = arrays if arrays is not None else load_train_arrays(cfg)
-            self.samplers = [
-                DualSampler(
-                    self.arrays.labels,
-                    cfg.data.instance_batch,
-                    cfg.data.identity_batch,
-                    seed=cfg.data.seed,
-                    world_size=shards,
-                    rank=s,
-                )
-                for s in self.shard_ids
-            ]
-            self.steps_per_epoch = min(int(s.steps_per_epoch()) for s in self.samplers)
-            self._num_classes = self.arrays.num_classes
-        else:
-            from ffc_ray.data.reader import StoreDualReader
-
-            store = _open_train_store(cfg)
-            self.readers = [
-                StoreDualReader.from_config(cfg, world_size=shards, rank=s) for s in self.shard_ids
-            ]
-            self.steps_per_epoch = min(r.steps_per_epoch() for r in self.readers)
-            self._num_classes = store.num_identities
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                "config field 'data.instance_batch': the training set gives no full "
-                f"step per epoch on {shards} data shards; lower the batch"
-            )
-        self._epoch = -1
-        self._plans: list[Any] = []
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, step within the epoch) of a 0-based global step: the sampler position."""
-        return divmod(int(step), self.steps_per_epoch)
-
-    def _flip(self, epoch: int, pos: int, shard: int, n: int) -> np.ndarray:
-        if not self.cfg.data.flip:
-            return np.zeros(n, bool)
-        rng = np.random.default_rng([self.cfg.data.seed, 7, epoch, pos, shard])
-        return rng.random(n) < 0.5
-
-    def batch(self, step: int) -> tuple[Any, np.ndarray, Any, np.ndarray]:
-        """(x, x labels, y, y labels) of this worker for 0-based global ``step``: uint8 arrays
-        (synthetic) or normalised float tensors (store)."""
-        epoch, pos = self.position(step)
-        if self.readers:
-            parts = [r.batch(epoch, pos) for r in self.readers]
-            return (
-                torch.cat([b.x for b in parts]),
-                np.concatenate([b.lx.numpy() for b in parts]),
-                torch.cat([b.y for b in parts]),
-                np.concatenate([b.ly.numpy() for b in parts]),
-            )
-        from ffc_ray.data.transforms import flip_batch
-
-        assert self.arrays is not None
-        if epoch != self._epoch:
-            self._plans = [s.epoch_plan(epoch) for s in self.samplers]
-            self._epoch = epoch
-        xs, lxs, ys, lys = [], [], [], []
-        for shard, plan in zip(self.shard_ids, self._plans):
-            xi, yi = plan.x[pos], plan.y[pos]
-            fl = self._flip(epoch, pos, shard, 2 * len(xi))
-            xs.append(flip_batch(self.arrays.images[xi], fl[: len(xi)]))
-            ys.append(flip_batch(self.arrays.images[yi], fl[len(xi) :]))
-            lxs.append(self.arrays.labels[xi])
-            lys.append(self.arrays.labels[yi])
-        return np.concatenate(xs), np.concatenate(lxs), np.concatenate(ys), np.concatenate(lys)
-
-    def iter_batches(
-        self, start: int, stop: int, device: torch.device | str = "cpu"
-    ) -> Iterator[tuple[Any, np.ndarray, Any, np.ndarray]]:
-        """:meth:`batch` for the global steps ``start .. stop - 1``.
-
-        A store with ``data.loader: ray_data`` (the default) is streamed by Ray Data read /
-        decode tasks (:func:`ffc_ray.data.stream.iter_worker_steps`, the same rows and values
-        as the in-worker reader); otherwise the batches are made here, step by step.
-        """
-        if self.readers and self.cfg.data.loader == "ray_data" and stop > start:
-            from ffc_ray.data.stream import iter_worker_steps
-
-            yield from iter_worker_steps(
-                self.cfg,
-                self.shard_ids,
-                self.num_shards,
-                start,
-                stop - start,
-                device,
-                steps_per_epoch=self.steps_per_epoch,  # known already: no second sampler pass
-            )
-            return
-        for step in range(start, stop):
-            yield self.batch(step)
-
-    def labels(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Only the (x, y) labels of ``step`` (no image work; for replays)."""
-        epoch, pos = self.position(step)
-        if self.readers:
-            lx, ly = [], []
-            for r in self.readers:
-                plan = r.spec.plan(epoch)
-                lab = r.store.labels
-                lx.append(lab[plan.x[pos]])
-                ly.append(lab[plan.y[pos]])
-            return np.concatenate(lx), np.concatenate(ly)
-        assert self.arrays is not None
-        plans = [s.epoch_plan(epoch) for s in self.samplers]
-        return (
-            np.concatenate([self.arrays.labels[p.x[pos]] for p in plans]),
-            np.concatenate([self.arrays.labels[p.y[pos]] for p in plans]),
-        )
-
-
-def replay_pool_index(cfg: Config, steps: int, world: int | None = None) -> Any:
-    """A :class:`PoolIndex` replayed over the first ``steps`` steps of all ranks' labels, in
-    gather order: what the run's actor must hold after ``steps`` steps (tests, audits)."""
-    from ffc_ray.pool.index import PoolIndex, plan_step
-
-    world = int(world or max(1, cfg.ray.num_workers))
-    data = WorkerData(cfg, 0, 1, shards=world)  # all shards in one place = gather order
-    index = PoolIndex(cfg.check_pool_fits(data.num_classes), cfg.pool.policy)
-    for step in range(steps):
-        lx, ly = data.labels(step)
-        if cfg.head.symmetric:
-            plan_step(index, ly, lx, lx, ly)
-        else:
-            plan_step(index, np.empty(0, np.int64), np.empty(0, np.int64), lx, ly)
-    return index
-
-
 # ------------------------------------------------------------------------------------------
 # evaluation (rank 0)
-
-
-def evaluate_sets(
-    trainer: Any, vsets: list[VerificationSet], cfg: Config
-) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
-    """Verification on every set: flat metrics ``<set>/<metric>`` and the full results."""
-    from ffc_ray.eval.verification import evaluate
-
-    flat: dict[str, float] = {}
-    full: dict[str, dict[str, Any]] = {}
-    for vset in vsets:
-        if len(vset) == 0:
-            continue
-        res = evaluate(
-            lambda imgs: trainer.embed(imgs),
-            vset,
-            flip=cfg.eval.flip,
-            batch_size=cfg.eval.batch_size,
-        )
-        full[vset.name] = res
-        for key, value in res.items():
-            if isinstance(value, (int, float, np.floating, np.integer)):
-                flat[f"{vset.name}/{key}"] = float(value)
-    if vsets and f"{vsets[0].name}/accuracy" in flat:
-        flat[SCORE_KEY] = flat[f"{vsets[0].name}/accuracy"]
-    return flat, full
 
 
 def log_eval_figures(logger: RunLogger, step: int, full: dict[str, dict[str, Any]]) -> None:
@@ -379,82 +82,6 @@ def log_eval_figures(logger: RunLogger, step: int, full: dict[str, dict[str, Any
 
 # ------------------------------------------------------------------------------------------
 # checkpoint files
-
-
-def pool_checksum(trainer: Any) -> str | None:
-    """Checksum of the replicated pool buffers (pool, ring position, row count)."""
-    if not trainer.is_ffc:
-        return None
-    h = trainer.head
-    return rdist.tensor_checksum(h.pool, h.ring_pos, h.row_count)
-
-
-def write_checkpoint(
-    directory: Path,
-    *,
-    trainer: Any,
-    cfg: Config,
-    index_state: Any,
-    index_sum: str | None,
-    rng: list[Any],
-    epoch: int,
-    position: int,
-    metrics: dict[str, Any],
-    num_shards: int,
-) -> dict[str, Any]:
-    """state.pt (everything to continue) + meta.json (summary) + config.yaml (resolved)."""
-    state = {
-        "step": trainer.step,
-        "epoch": epoch,
-        "position": position,
-        "trainer": trainer.state_dict(),
-        "index": index_state,
-        "rng": rng,
-        "config": cfg.to_dict(),
-        "num_classes": trainer.num_classes,
-        "num_shards": num_shards,
-    }
-    torch.save(state, directory / STATE_FILE)
-    meta = {
-        "step": trainer.step,
-        "epoch": epoch,
-        "position": position,
-        "num_classes": trainer.num_classes,
-        "head": cfg.head.type,
-        "pool_checksum": pool_checksum(trainer),
-        "index_checksum": index_sum,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
-    }
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
-    cfg.save(directory / CONFIG_FILE)
-    return meta
-
-
-def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
-    """Read ``state.pt`` from a checkpoint folder written by :func:`write_checkpoint`."""
-    f = Path(path) / STATE_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: not an ffc_ray checkpoint (no {STATE_FILE})")
-    return torch.load(f, map_location="cpu", weights_only=False)
-
-
-def _rng_state() -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -531,17 +158,6 @@ def sync_head_gradients(head: torch.nn.Module, world: int) -> int:
         p.register_post_accumulate_grad_hook(hook)
         n += 1
     return n
-
-
-def model_checksum(trainer: Any) -> str:
-    """Checksum of the P-Net parameters and the head state: equal on every rank. (BatchNorm
-    running statistics are left out: each rank updates them from its own batch, and DDP
-    re-broadcasts rank 0's before every forward; the checkpoint holds rank 0's.)"""
-    tensors = [p for _, p in sorted(trainer.pnet.named_parameters())]
-    tensors += [
-        t for _, t in sorted(trainer.head.state_dict().items()) if isinstance(t, torch.Tensor)
-    ]
-    return rdist.tensor_checksum(*tensors)
 
 
 def _mean_over_ranks(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
@@ -631,7 +247,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         trainer.load_state_dict(state["trainer"])
         rngs = state.get("rng") or []
         if rank < len(rngs) and rngs[rank] is not None:
-            _set_rng_state(rngs[rank])
+            set_rng_state(rngs[rank])
         if state.get("num_shards") not in (None, data.num_shards):
             log.warning(
                 "resuming with %d data shards, checkpoint had %s: the data order changes",
@@ -787,7 +403,7 @@ def _report_with_checkpoint(
     import ray.train
     from ray.train import Checkpoint
 
-    rngs = _gather_objects(_rng_state())
+    rngs = _gather_objects(rng_state())
     epoch, position = data.position(trainer.step)
     with tempfile.TemporaryDirectory(prefix="ffc-ckpt-") as tmp:
         checkpoint = None

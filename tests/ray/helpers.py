@@ -74,7 +74,7 @@ def checkpoints_by_step(run_dir: Path) -> dict[int, Path]:
 
 
 def pool_sum_from_state(state: dict) -> str:
-    """Pool checksum recomputed here, independently of ffc_ray.ray.dist.tensor_checksum."""
+    """Pool checksum recomputed here, independently of ffc_ray.engine.checkpoint.tensor_checksum."""
     h = hashlib.sha256()
     head = state["trainer"]["head"]
     for key in ("pool", "ring_pos", "row_count"):

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ffc_ray.data.source import replay_pool_index
 from ffc_ray.pool.actor import actor_name, index_checksum, kill_pool_actor
-from ffc_ray.ray.train import replay_pool_index, run_training
+from ffc_ray.ray.train import run_training
 from tests.ray.helpers import (
     Background,
     assert_index_equal,

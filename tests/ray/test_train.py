@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ffc_ray.ray.train import WorkerData, replay_pool_index, run_training
+from ffc_ray.data.source import WorkerData, replay_pool_index
+from ffc_ray.ray.train import run_training
 from tests.ray.helpers import (
     Background,
     assert_index_equal,

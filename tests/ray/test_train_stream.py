@@ -62,8 +62,8 @@ def test_worker_stream_equals_worker_reader_for_two_shards(ray_session, store32)
     """The data path alone: a worker holding two logical shards, from a mid-epoch step."""
     import torch
 
+    from ffc_ray.data.source import WorkerData
     from ffc_ray.data.stream import iter_worker_steps
-    from ffc_ray.ray.train import WorkerData
 
     cfg = small_cfg(Path("."), data__source=str(store32), data__image_size=32, eval__pairs=[])
     data = WorkerData(cfg, 0, 1, shards=2)

@@ -328,7 +328,7 @@ def test_cached_file_and_refresh(tmp_path):
 def test_eval_pairs_at_a_uri_are_fetched(tmp_path):
     from ffc_ray.data.pairs import save_verification_set
     from ffc_ray.data.synthetic import synthetic_split
-    from ffc_ray.ray.train import check_eval_sets, load_eval_sets
+    from ffc_ray.eval.sets import check_eval_sets, load_eval_sets
 
     cfg = Config().with_overrides(
         {

@@ -1,0 +1,126 @@
+"""The checkpoint format: one folder per checkpoint, readable without Ray.
+
+* ``state.pt``: everything to continue (trainer state: P-Net, G-Net, head / pool, optimiser,
+  schedule, scaler; the pool index; each rank's RNG states; the resolved config; the data
+  position);
+* ``meta.json``: a summary (step, head, metrics, pool and index checksums);
+* ``config.yaml``: the resolved config.
+
+Ray Train workers write these folders (:mod:`ffc_ray.ray.train`); evaluation and tools read them
+with :func:`load_checkpoint_state`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ffc_ray.config import Config
+from ffc_ray.engine.trainer import Trainer
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+CONFIG_FILE = "config.yaml"
+
+
+def tensor_checksum(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' bytes (CPU copies), to compare replicated buffers across ranks."""
+    h = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().cpu().contiguous()
+        h.update(str(a.dtype).encode() + str(tuple(a.shape)).encode())
+        h.update(a.numpy().tobytes() if a.dtype != torch.bfloat16 else a.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def pool_checksum(trainer: Trainer) -> str | None:
+    """Checksum of the replicated pool buffers (pool, ring position, row count)."""
+    if not trainer.is_ffc:
+        return None
+    h = trainer.head
+    return tensor_checksum(h.pool, h.ring_pos, h.row_count)
+
+
+def model_checksum(trainer: Trainer) -> str:
+    """Checksum of the P-Net parameters and the head state: equal on every rank. (BatchNorm
+    running statistics are left out: each rank updates them from its own batch, and DDP
+    re-broadcasts rank 0's before every forward; the checkpoint holds rank 0's.)"""
+    tensors = [p for _, p in sorted(trainer.pnet.named_parameters())]
+    tensors += [
+        t for _, t in sorted(trainer.head.state_dict().items()) if isinstance(t, torch.Tensor)
+    ]
+    return tensor_checksum(*tensors)
+
+
+def write_checkpoint(
+    directory: Path,
+    *,
+    trainer: Trainer,
+    cfg: Config,
+    index_state: Any,
+    index_sum: str | None,
+    rng: list[Any],
+    epoch: int,
+    position: int,
+    metrics: dict[str, Any],
+    num_shards: int,
+) -> dict[str, Any]:
+    """state.pt (everything to continue) + meta.json (summary) + config.yaml (resolved)."""
+    state = {
+        "step": trainer.step,
+        "epoch": epoch,
+        "position": position,
+        "trainer": trainer.state_dict(),
+        "index": index_state,
+        "rng": rng,
+        "config": cfg.to_dict(),
+        "num_classes": trainer.num_classes,
+        "num_shards": num_shards,
+    }
+    torch.save(state, directory / STATE_FILE)
+    meta = {
+        "step": trainer.step,
+        "epoch": epoch,
+        "position": position,
+        "num_classes": trainer.num_classes,
+        "head": cfg.head.type,
+        "pool_checksum": pool_checksum(trainer),
+        "index_checksum": index_sum,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    cfg.save(directory / CONFIG_FILE)
+    return meta
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """Read ``state.pt`` from a checkpoint folder written by :func:`write_checkpoint`."""
+    f = Path(path) / STATE_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: not an ffc_ray checkpoint (no {STATE_FILE})")
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

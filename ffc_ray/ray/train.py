@@ -52,6 +52,7 @@ from ffc_ray.engine.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from ffc_ray.engine.trainer import Trainer
 from ffc_ray.eval.sets import SCORE_KEY, check_eval_sets, evaluate_sets, load_eval_sets
 from ffc_ray.ray import dist as rdist
 from ffc_ray.ray.tb import RunLogger, flat_hparams, process_memory_mb
@@ -141,25 +142,6 @@ class ShardedForward(torch.nn.Module):
         return self.chunked(self.module)(x)
 
 
-def sync_head_gradients(head: torch.nn.Module, world: int) -> int:
-    """Average the head's trainable gradients over ranks as they are accumulated (DDP covers
-    only the P-Net): every rank then applies the same update and the head stays replicated.
-    Returns the number of hooked parameters."""
-    n = 0
-    for p in head.parameters():
-        if not p.requires_grad:
-            continue
-
-        def hook(param: torch.Tensor) -> None:
-            if param.grad is not None:
-                dist.all_reduce(param.grad)
-                param.grad.div_(world)
-
-        p.register_post_accumulate_grad_hook(hook)
-        n += 1
-    return n
-
-
 def _mean_over_ranks(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
     """Average the per-rank loss terms (each rank's loss is a mean over its own probes)."""
     _, size = rdist.world()
@@ -175,11 +157,53 @@ def _mean_over_ranks(values: dict[str, float], keys: tuple[str, ...]) -> dict[st
     return out
 
 
+def build_worker_trainer(
+    cfg: Config, data: WorkerData, world: int, actor: Any, device: torch.device
+) -> tuple[Trainer, rdist.ActorPlanner | None]:
+    """This worker's :class:`Trainer` with its distributed hooks: DDP over the P-Net, the
+    gallery all-gather and the pool actor's planner (ffc). The Trainer averages replicated
+    head gradients itself (one all-reduce per head parameter and step). A worker holding
+    several logical data shards forwards each shard's block alone (BatchNorm per block, as
+    separate workers): the data-parallel emulation of the equivalence tests (ffc only)."""
+    is_ffc = cfg.head.type == "ffc"
+    if is_ffc and actor is None:
+        raise RuntimeError("train_loop_per_worker: the ffc head needs the pool actor handle")
+    if world > 1 and cfg.head.type == "partial_fc":
+        raise ConfigError(
+            "config field 'head.type': partial_fc keeps per-worker sampled rows "
+            "that diverge across workers; run it with ray.num_workers: 1"
+        )
+    ghost = len(data.shard_ids)  # logical shards on this worker (> 1: data-parallel emulation)
+    if ghost > 1 and not is_ffc:
+        raise ConfigError("data shards > workers (data-parallel emulation) is for the ffc head")
+    planner = None
+    if is_ffc:
+        planner = rdist.ActorPlanner(
+            actor, symmetric=cfg.head.symmetric, fast=cfg.ray.pool_fast_path
+        )
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if ghost > 1:
+            module = ShardedForward(module, ghost)
+        return _ddp_wrap(module) if world > 1 else module
+
+    trainer = Trainer(
+        cfg,
+        data.num_classes,
+        device,
+        gather=rdist.gather_gallery if world > 1 else None,
+        plan=planner,
+        ddp_wrap=wrap if (world > 1 or ghost > 1) else None,
+    )
+    if ghost > 1 and trainer.gnet is not None:
+        trainer.gnet.forward = ShardedForward(trainer.gnet, ghost).chunked(trainer.gnet.forward)
+    return trainer, planner
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entry point; ``loop_config`` holds the resolved config dict, run folder, actor."""
     import ray.train
 
-    from ffc_ray.engine.trainer import Trainer
     from ffc_ray.ray.tb import read_progress
 
     cfg = Config.from_dict(loop_config["config"])
@@ -203,39 +227,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     data = WorkerData(cfg, rank, world, extra.get("data_shards"))
     is_ffc = cfg.head.type == "ffc"
-    if is_ffc and actor is None:
-        raise RuntimeError("train_loop_per_worker: the ffc head needs the pool actor handle")
-    planner = (
-        rdist.ActorPlanner(actor, symmetric=cfg.head.symmetric, fast=cfg.ray.pool_fast_path)
-        if is_ffc
-        else None
-    )
-    if world > 1 and cfg.head.type == "partial_fc":
-        raise ConfigError(
-            "config field 'head.type': partial_fc keeps per-worker sampled rows "
-            "that diverge across workers; run it with ray.num_workers: 1"
-        )
-    ghost = len(data.shard_ids)  # logical shards on this worker (> 1: data-parallel emulation)
-    if ghost > 1 and not is_ffc:
-        raise ConfigError("data shards > workers (data-parallel emulation) is for the ffc head")
-
-    def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        if ghost > 1:
-            module = ShardedForward(module, ghost)
-        return _ddp_wrap(module) if world > 1 else module
-
-    trainer = Trainer(
-        cfg,
-        data.num_classes,
-        device,
-        gather=rdist.gather_gallery if world > 1 else None,
-        plan=planner,
-        ddp_wrap=wrap if (world > 1 or ghost > 1) else None,
-    )
-    if world > 1:
-        sync_head_gradients(trainer.head, world)
-    if ghost > 1 and trainer.gnet is not None:
-        trainer.gnet.forward = ShardedForward(trainer.gnet, ghost).chunked(trainer.gnet.forward)
+    trainer, planner = build_worker_trainer(cfg, data, world, actor, device)
 
     # ---- restore --------------------------------------------------------------------------
     ckpt = ray.train.get_checkpoint()

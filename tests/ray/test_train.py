@@ -248,7 +248,7 @@ def test_concurrent_runs_get_separate_actors(ray_session, tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_fc_head_stays_replicated_on_two_workers(ray_session, tmp_path: Path) -> None:
-    """DDP covers the P-Net; the FC classifier's gradients are averaged by hooks."""
+    """DDP covers the P-Net; the Trainer averages the FC classifier's gradients."""
     cfg = small_cfg(tmp_path, **{"head.type": "fc", "train.steps": 4, "train.eval_interval": 4})
     run = run_training(cfg, name="fc-two")
     assert run.result.error is None
@@ -256,6 +256,60 @@ def test_fc_head_stays_replicated_on_two_workers(ray_session, tmp_path: Path) ->
     assert len(sums) == 2 and sums[0] == sums[1]
     state = load_state(checkpoints_by_step(run.run_dir)[4])
     assert state["index"] is None and state["trainer"]["head"]["weight"].shape == (64, 32)
+
+
+def _count_head_allreduce_loop(config: dict) -> None:
+    """Two-worker FC step through the worker's own trainer construction, counting the Python
+    all-reduce calls (DDP's P-Net reduction runs in its C++ reducer and is not counted)."""
+    import ray.train
+    import torch.distributed as dist
+
+    from ffc_ray.config import Config
+    from ffc_ray.data.source import WorkerData
+    from ffc_ray.ray.train import build_worker_trainer
+
+    cfg = Config.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    data = WorkerData(cfg, rank, world)
+    trainer, _ = build_worker_trainer(cfg, data, world, None, torch.device("cpu"))
+    calls, real = [], dist.all_reduce
+
+    def counting(t, *a, **k):
+        calls.append(tuple(t.shape))
+        return real(t, *a, **k)
+
+    dist.all_reduce = counting
+    try:
+        trainer.train_step(*data.batch(0))
+    finally:
+        dist.all_reduce = real
+    own = trainer.head.weight.grad.clone()  # after the step: the averaged gradient
+    mine = [None] * world
+    dist.all_gather_object(mine, own)
+    (Path(config["out"]) / f"calls{rank}.json").write_text(json.dumps(calls))
+    torch.save({"grads": mine}, Path(config["out"]) / f"grads{rank}.pt")
+
+
+def test_two_worker_fc_step_all_reduces_head_gradients_once(ray_session, tmp_path: Path) -> None:
+    """One owner for the head-gradient average: a two-worker FC step all-reduces the N x D
+    classifier gradient once (it was twice: post-accumulate hooks and the Trainer)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = small_cfg(tmp_path, **{"head.type": "fc", "optim.grad_clip": None})
+    trainer = TorchTrainer(
+        _count_head_allreduce_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="fc-allreduce"),
+    )
+    assert trainer.fit().error is None
+    for rank in range(2):
+        calls = json.loads((tmp_path / f"calls{rank}.json").read_text())
+        assert calls == [[64, 32]], calls  # the FC weight, once
+    g0, g1 = (torch.load(tmp_path / f"grads{r}.pt")["grads"] for r in range(2))
+    assert torch.equal(g0[0], g0[1]) and torch.equal(g0[0], g1[0])  # replicated after the average
 
 
 def test_partial_fc_refuses_several_workers(tmp_path: Path) -> None:

@@ -294,15 +294,10 @@ _BLOCK_BUFFER: dict[str, Any] = {}  # this process's read tasks' uint8 image buf
 
 
 def _current_task_id() -> str | None:
-    """The Ray task this code runs in; None outside a Ray worker process (a driver, no Ray)."""
-    try:
-        from ray._private.worker import WORKER_MODE, global_worker
-
-        if not ray.is_initialized() or global_worker.mode != WORKER_MODE:
-            return None
-        return ray.get_runtime_context().get_task_id()
-    except Exception:  # another Ray's internals: never reuse
+    """The Ray task this code runs in; None outside a Ray task (a driver, no Ray)."""
+    if not ray.is_initialized():
         return None
+    return ray.get_runtime_context().get_task_id()  # None in a driver (Ray's public API)
 
 
 def _block_buffer(shape: tuple[int, ...]) -> np.ndarray:

@@ -376,11 +376,20 @@ def parse_sweep(
 
 def _in_space(p: Param, value: Any) -> bool:
     """Whether ``value`` is a point of ``p``'s distribution (range, integer step, choice)."""
-    dist = p.to_optuna()
-    try:
-        return bool(dist._contains(dist.to_internal_repr(value)))
-    except (ValueError, TypeError):
+    if p.kind == "choice":
+        return value in p.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
+    if not p.low <= value <= p.high:
+        return False
+    integer = p.kind in ("int", "logint")
+    step = p.step or (1 if integer else None)
+    if integer and value != int(value):
+        return False
+    if step is None:
+        return True
+    k = (value - p.low) / step  # on the grid low + k * step (float: as Optuna, to 1e-8)
+    return abs(k - round(k)) < 1e-8
 
 
 def load_sweep(

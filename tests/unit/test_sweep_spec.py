@@ -595,3 +595,23 @@ def test_all_search_kinds_reach_optuna_and_back():
     for mt, pol in itertools.product(["arcface", "cosface", "am"], ["lru", "fifo"]):
         cfg = spec.trial_config({"head.margin_type": mt, "pool.policy": pol})
         assert (cfg.head.margin_type, cfg.pool.policy) == (mt, pol)
+
+
+@pytest.mark.parametrize(
+    ("param", "inside", "outside"),
+    [
+        (dict(kind="uniform", low=0.2, high=0.4), [0.2, 0.3, 0.4], [0.19, 0.41, "0.3", None, True]),
+        (dict(kind="uniform", low=0.0, high=1.0, step=0.25), [0.0, 0.75, 1.0], [0.3, 1.25]),
+        (dict(kind="loguniform", low=1e-3, high=1e-1), [1e-3, 0.05], [1e-4, 0.2]),
+        (dict(kind="int", low=2, high=10, step=2), [2, 4, 10, 6.0], [3, 12, 0, 4.5]),
+        (dict(kind="logint", low=1, high=64), [1, 7, 64], [0, 65, 2.5]),
+        (dict(kind="choice", choices=("arcface", "cosface")), ["cosface"], ["am", 1, None]),
+    ],
+)
+def test_in_space_follows_range_step_and_choices(param, inside, outside):
+    """points_to_evaluate membership, by hand (Optuna has no public membership test)."""
+    from ffc_ray.ray.sweep_spec import Param, _in_space
+
+    p = Param("head.margin", **param)
+    assert all(_in_space(p, v) for v in inside), inside
+    assert not any(_in_space(p, v) for v in outside), outside

@@ -20,7 +20,6 @@ them without a cloud).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import pyarrow
 import pyarrow.fs as pafs
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -338,19 +338,6 @@ def local_cache_dir(uri: str | os.PathLike) -> Path:
     return cache_root() / hashlib.sha1(key.encode()).hexdigest()
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created), held for the ``with`` block; other
-    processes of this node wait. Released by the OS if the process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _read_marker(entry: Path) -> str | None:
     try:
         return (entry / COMPLETE).read_text()
@@ -383,7 +370,8 @@ def _sync_entry(
     if _read_marker(entry) == fingerprint and data.exists():
         return data
     entry.mkdir(parents=True, exist_ok=True)
-    with file_lock(entry / ".lock"):
+    # other processes of this node wait; the OS releases the lock if the process dies
+    with FileLock(entry / ".lock"):
         if _read_marker(entry) == fingerprint and data.exists():
             return data  # another process finished it while this one waited
         (entry / COMPLETE).unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffc_ray.data.store import DataError, ImportSummary, Progress, StoreWriter
+from ffc_ray.data.store import DataError, ImportSummary, StoreWriter, progress_bar
 from ffc_ray.data.transforms import (
     ImageDecodeError,
     crop_resize,
@@ -190,7 +190,7 @@ def import_folder(src: str | Path, dst: str | Path, opts: ImportOptions) -> Impo
         for f in files
     ]
     owner = [k for k, (_, files) in enumerate(scan.identities) for _ in files]
-    bar = Progress(len(jobs), "import", enabled=opts.progress)
+    bar = progress_bar(len(jobs), "import", enabled=opts.progress)
     names: list[str] = []
     dropped = dict(scan.dropped)
     with opts.writer(dst) as w:
@@ -283,7 +283,7 @@ def import_recordio(src: str | Path, dst: str | Path, opts: ImportOptions) -> Im
             else:
                 kept.append(lab)
         new_label = {lab: i for i, lab in enumerate(kept)}
-        bar = Progress(len(indices), "import", enabled=opts.progress)
+        bar = progress_bar(len(indices), "import", enabled=opts.progress)
         copy_ok = opts.crop is None and opts.encoding == "jpeg"
         with opts.writer(dst) as w:
             written = np.zeros(len(kept), dtype=np.int64)
@@ -371,7 +371,7 @@ def import_arrays(
     new = np.full(len(names), -1, dtype=np.int64)
     new[keep] = np.arange(len(keep))
     need_resize = images.shape[1:3] != (opts.image_size, opts.image_size) or opts.crop is not None
-    bar = Progress(len(images), "import", enabled=opts.progress)
+    bar = progress_bar(len(images), "import", enabled=opts.progress)
     with opts.writer(dst) as w:
         for i in np.argsort(labels, kind="stable"):
             bar.update()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffc_ray.data.store import DataError, Progress
+from ffc_ray.data.store import DataError, progress_bar
 from ffc_ray.data.transforms import (
     LFW_CROP_BOX,
     ImageDecodeError,
@@ -179,7 +179,7 @@ def load_lfw_pairs(
                 raise PairsError(f"{pairs_path}:{p.line}: image {q} does not exist")
         paths.append((a, b))
     cache: dict[Path, np.ndarray] = {}
-    bar = Progress(len(paths), f"pairs {pairs_path.name}", enabled=progress)
+    bar = progress_bar(len(paths), f"pairs {pairs_path.name}", enabled=progress)
 
     def get(q: Path) -> np.ndarray:
         if q not in cache:

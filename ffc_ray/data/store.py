@@ -38,9 +38,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ffc_ray.data.transforms import ImageDecodeError, decode_record, decode_records
 
@@ -83,67 +84,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# progress bar (hand-written: no tqdm dependency)
+# progress bar
 
 
-class Progress:
-    """A one-line progress bar on stderr.
-
-    On a terminal it redraws in place at most ten times a second; elsewhere (logs, CI) it
-    prints a plain line every ``log_every`` seconds, so long imports still show life.
-    """
-
-    def __init__(
-        self,
-        total: int | None,
-        desc: str,
-        stream: TextIO | None = None,
-        enabled: bool = True,
-        log_every: float = 10.0,
-    ) -> None:
-        self.total = total
-        self.desc = desc
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.log_every = log_every
-        self.n = 0
-        self.t0 = time.monotonic()
-        self._last = 0.0
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        interval = 0.1 if self.tty else self.log_every
-        if now - self._last >= interval:
-            self._last = now
-            self._draw(final=False)
-
-    def _line(self) -> str:
-        el = time.monotonic() - self.t0
-        rate = self.n / el if el > 0 else 0.0
-        if self.total:
-            frac = min(1.0, self.n / self.total)
-            bar = "#" * int(frac * 30)
-            eta = (self.total - self.n) / rate if rate > 0 else 0.0
-            return (
-                f"{self.desc} [{bar:<30}] {self.n}/{self.total} {100 * frac:5.1f}% "
-                f"{rate:7.1f}/s eta {eta:5.0f}s"
-            )
-        return f"{self.desc} {self.n} {rate:7.1f}/s"
-
-    def _draw(self, final: bool) -> None:
-        if self.tty:
-            self.stream.write("\r" + self._line() + ("\n" if final else ""))
-        else:
-            self.stream.write(self._line() + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(final=True)
+def progress_bar(total: int | None, desc: str, enabled: bool = True) -> tqdm:
+    """tqdm on stderr: redrawn in place on a terminal, refreshed every 10 s in logs (CI)."""
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+        mininterval=0.1 if tty else 10.0,
+        dynamic_ncols=tty,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -776,7 +730,7 @@ def verify_store(
     except StoreError as exc:
         return VerifyReport(str(path), 0, 0, [(str(path), str(exc))])
     problems: list[tuple[str, str]] = []
-    bar = Progress(store.num_images, "verify", enabled=progress)
+    bar = progress_bar(store.num_images, "verify", enabled=progress)
     checked = 0
     size = store.image_size
     for s in range(store.num_shards):

@@ -201,7 +201,7 @@ def test_entry_point_subprocess(tmp_path):
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "import [" in res.stderr and "4/4 100.0%" in res.stderr  # the progress bar
+    assert "import: 100%" in res.stderr and "4/4" in res.stderr  # the progress bar (tqdm)
     assert "4 images of 2 identities" in res.stdout
 
 

@@ -18,11 +18,11 @@ from ffc_ray.data.importers import ImportOptions, import_arrays, import_folder
 from ffc_ray.data.store import (
     INDEX_FILE,
     META_FILE,
-    Progress,
     StoreError,
     StoreWriter,
     close_cached_envs,
     open_store,
+    progress_bar,
     sha256_file,
     shard_dir,
     verify_store,
@@ -317,15 +317,17 @@ def test_wrong_size_record_is_an_error(tmp_path):
         open_store(tmp_path / "st").images([0])
 
 
-def test_progress_bar_writes_plain_lines_off_terminal():
-    buf = io.StringIO()
-    bar = Progress(10, "import", stream=buf, log_every=0.0)
+def test_progress_bar_is_tqdm_on_stderr_and_can_be_off(capsys):
+    bar = progress_bar(10, "import")
     for _ in range(10):
         bar.update()
     bar.close()
-    lines = buf.getvalue().splitlines()
-    assert lines[-1].startswith("import [") and "10/10 100.0%" in lines[-1]
-    assert len(lines) == 11
+    err = capsys.readouterr().err
+    assert "import" in err and "10/10" in err and "100%" in err
+    quiet = progress_bar(10, "import", enabled=False)
+    quiet.update(10)
+    quiet.close()
+    assert capsys.readouterr().err == ""
 
 
 # ---- transforms shared by the loaders ------------------------------------------------------

@@ -27,7 +27,7 @@ that iterates them, in sampler order (``preserve_order=True``), without a cross-
 
 CPU: Ray Data tasks ask for ``read_cpus`` (``cfg.data.read_cpus``, 0.25 by default) so that on
 a 2-CPU machine two training workers at 0.5 CPU each leave room for four read tasks; with the
-default of 1 CPU per task they could wait forever (RAY_NOTES 6).
+default of 1 CPU per task they could wait forever (docs/reference.md 3.3).
 
 Training builds the datasets in the worker (:func:`iter_worker_steps`); with datasets handed to
 a TorchTrainer (:func:`build_stream_datasets`): ``for batch in worker_dual_batches(spec):

@@ -1,6 +1,6 @@
 """The train step for every head, in pure torch; used alone and inside each Ray Train worker.
 
-FFC step (F2C, arXiv 2105.10375; official ``FFC.forward``, REFERENCE_FFC_PFC.md 1.3):
+FFC step (F2C, arXiv 2105.10375; official ``FFC.forward``, docs/reference.md 1.3):
 
 1. G-Net <- EMA of P-Net (once per step);
 2. G-Net features of both views under ``no_grad`` (train-mode BN, as the official code), passed

@@ -9,7 +9,7 @@ Per pass the engine calls :meth:`FFCHead.write` (gallery rows in, an undo record
 :meth:`FFCHead.loss` (probes against the C columns) and, for the trial pass,
 :meth:`FFCHead.restore` after ``backward``. The pool is a buffer: no gradient reaches it.
 
-Semantics (defaults follow the official ``tiandunx/FFC`` code, see REFERENCE_FFC_PFC.md 1.1-1.2):
+Semantics (defaults follow the official ``tiandunx/FFC`` code, see docs/reference.md 1.1-1.2):
 
 * ring write: a new identity fills row 0 (``ring_pos = 1``, ``row_count = 1``); a returning one
   fills row ``ring_pos`` (then ``ring_pos += 1 mod K``, ``row_count = min(K, row_count + 1)``).

@@ -1,7 +1,7 @@
 """The pool-index actor: one :class:`~ffc_ray.pool.index.PoolIndex` shared by all Ray Train workers.
 
 Why an actor: the identity -> slot map of the Dynamic Class Pool (F2C, section 3.2; the official
-LRU in REFERENCE_FFC_PFC.md 1.1) must advance exactly once per step for the whole data-parallel
+LRU in docs/reference.md 1.1) must advance exactly once per step for the whole data-parallel
 group. Rank 0 sends the step's gathered labels in ONE call (trial gallery + trial probes, rollback,
 commit gallery + commit probes, i.e. :func:`~ffc_ray.pool.index.plan_step`) and broadcasts the
 answer, so the replicated pool buffers on every worker receive identical writes.

@@ -1,7 +1,7 @@
 """Collectives for the replicated Dynamic Class Pool: gallery all-gather and the planned slots.
 
 Every worker holds the whole pool (C x K x D) and must apply the same writes in the same order
-(F2C's pool update, REFERENCE_FFC_PFC.md 1.7: "pool sharing = replication"). So:
+(F2C's pool update, docs/reference.md 1.4: "pool sharing = replication"). So:
 
 * :func:`all_gather_cat` gathers G-Net gallery features and labels of all ranks in rank order
   (no gradient: the gallery side never back-propagates);

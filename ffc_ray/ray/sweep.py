@@ -1,6 +1,6 @@
 """Hyperparameter sweeps: Ray Tune + Optuna (TPE, seeded) + ASHA over Ray Train (V2) trials.
 
-Why this shape (RAY_NOTES.md 2.1, 6):
+Why this shape (docs/reference.md 3.1, 3.3):
 
 * Each Tune trial is a small *driver* (a function trainable, ``tune.trial_cpus`` CPU) that builds
   the run's TorchTrainer through :mod:`ffc_ray.ray.train` and calls ``fit()``. Train V2 reports
@@ -32,7 +32,7 @@ Why this shape (RAY_NOTES.md 2.1, 6):
   restores by run name), the Optuna study continues.
 
 A sweep needs ``ray[default]`` (dashboard + State API): without it, the placement groups of
-trials that ASHA stops leak and the next trial waits forever (RAY_NOTES.md 6, found by
+trials that ASHA stops leak and the next trial waits forever (docs/reference.md 3.3, found by
 experiment). :func:`run_sweep` starts local Ray with the dashboard on and refuses to start one
 when the dashboard's dependencies are missing.
 """

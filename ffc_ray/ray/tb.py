@@ -1,6 +1,6 @@
 """Run logging on rank 0: TensorBoard events, a JSON-lines progress file and the console line.
 
-Ray Train V2 alone writes no TensorBoard files (RAY_NOTES.md 2.3), so rank 0 owns one
+Ray Train V2 alone writes no TensorBoard files (docs/reference.md 3.2), so rank 0 owns one
 ``SummaryWriter`` in ``<storage>/<name>/tb``. On a resume the writer purges events at or after the
 restored step (``purge_step``), so the curves show the continued run, not the lost tail.
 ``progress.jsonl`` in the run folder holds one record per step (and one per (re)start), the

@@ -655,7 +655,8 @@ def check_data_cpus(cfg: Config, concurrent_runs: int = 1, per_run_extra_cpus: f
     With ``data.loader: ray_data`` each worker streams its store through tasks of
     ``data.read_cpus`` CPU; if the training workers (times the runs that share the cluster,
     e.g. concurrent sweep trials, plus their drivers) hold every CPU, those tasks wait forever
-    and the run hangs (RAY_NOTES 6). Checked against ``ray.cluster_resources()`` before start.
+    and the run hangs (docs/reference.md 3.3). Checked against ``ray.cluster_resources()``
+    before start.
     """
     import ray
 

@@ -32,6 +32,9 @@ def _err(key: str, msg: str) -> ConfigError:
     return ConfigError(f"config field '{key}': {msg}")
 
 
+CONFIG_FILE = "config.yaml"  # the resolved config in a run folder and in each checkpoint
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where training images come from and how a step's dual-loader batch is shaped.

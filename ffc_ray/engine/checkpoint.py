@@ -21,12 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ffc_ray.config import Config
+from ffc_ray.config import CONFIG_FILE, Config
 from ffc_ray.engine.trainer import Trainer
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-CONFIG_FILE = "config.yaml"
 
 
 def tensor_checksum(*tensors: torch.Tensor) -> str:

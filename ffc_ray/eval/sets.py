@@ -8,14 +8,16 @@ this node's cache first).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
 from ffc_ray.data.types import VerificationSet
-from ffc_ray.engine.trainer import Trainer
+
+if TYPE_CHECKING:  # the sweep preflight checks eval sets without loading torch
+    from ffc_ray.engine.trainer import Trainer
 
 SCORE_KEY = "score"  # accuracy on the first eval.pairs set; the checkpoint ranking attribute
 

@@ -56,9 +56,9 @@ from ray.tune.logger import TBXLoggerCallback
 
 from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
-from ffc_ray.data.source import num_training_classes
 from ffc_ray.eval.sets import check_eval_sets
 from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
+from ffc_ray.ray.run_dir import resolve_paths, storage_root
 from ffc_ray.ray.sweep_results import (
     BEST_CONFIG,
     OPTUNA_FILE,
@@ -182,7 +182,7 @@ def trial_driver(
     """The Tune function trainable: one Train run for the sampled ``config``."""
     import ray.tune
 
-    from ffc_ray.ray import train as rt
+    from ffc_ray.data.source import num_training_classes
 
     trial_id = ray.tune.get_context().get_trial_id()
     values = {p.key: config[p.key] for p in spec.params}
@@ -192,7 +192,7 @@ def trial_driver(
         "head_memory_mb": head_memory_mb(cfg, num_training_classes(cfg)),
         "started_at": time.time(),
     }
-    progress = str(rt.storage_root(cfg) / name / "progress.jsonl")
+    progress = str(storage_root(cfg) / name / "progress.jsonl")
     log.info("trial %s: %s", trial_id, ", ".join(f"{k}={v}" for k, v in values.items()))
     fit_training(cfg, name, [SweepReportCallback(static, progress)])
 
@@ -346,10 +346,7 @@ class SweepProgress(Callback):
 
 def resolve_spec_paths(spec: SweepSpec) -> SweepSpec:
     """Relative data / pairs paths made absolute: trials run in other working directories."""
-    from ffc_ray.ray import train as rt
-
-    base = rt.resolve_paths(spec.base) if hasattr(rt, "resolve_paths") else spec.base
-    return dataclasses.replace(spec, base=base)
+    return dataclasses.replace(spec, base=resolve_paths(spec.base))
 
 
 def preflight(spec: SweepSpec) -> None:
@@ -357,6 +354,8 @@ def preflight(spec: SweepSpec) -> None:
 
     The pure checks (keys, ranges, metrics the trainer reports) ran when the sweep was parsed.
     """
+    from ffc_ray.data.source import num_training_classes  # torch: not at the CLI's start-up
+
     cfgs = [("base", spec.base)] + [
         (f"search.{p.key}={v!r}", spec.trial_config({p.key: v}))
         for p in spec.params

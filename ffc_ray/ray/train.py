@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import random
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
 from ffc_ray.data.source import WorkerData, num_training_classes
 from ffc_ray.engine.checkpoint import (
-    CONFIG_FILE,
     META_FILE,
     load_checkpoint_state,
     model_checksum,
@@ -55,6 +53,18 @@ from ffc_ray.engine.checkpoint import (
 from ffc_ray.engine.trainer import Trainer
 from ffc_ray.eval.sets import SCORE_KEY, check_eval_sets, evaluate_sets, load_eval_sets
 from ffc_ray.ray import dist as rdist
+from ffc_ray.ray.run_dir import (
+    check_run_name,
+    prepare_local_run,
+    prepare_remote_run,
+    pull_progress,
+    push_run_dir,
+    remote_storage,
+    resolve_paths,
+    staging_dir,
+    storage_location,
+    storage_root,
+)
 from ffc_ray.ray.tb import RunLogger, flat_hparams, process_memory_mb
 
 log = logging.getLogger(__name__)
@@ -472,169 +482,6 @@ def default_run_name(cfg: Config, config_path: str | Path | None = None) -> str:
     return f"ffc_ray-{cfg.head.type}"
 
 
-def remote_storage(cfg: Config) -> str | None:
-    """``ray.storage_path`` when it is a URI (``s3://``, ``gs://``, ``file://``...), else None."""
-    p = cfg.ray.storage_path
-    return p if p and storage.is_uri(p) else None
-
-
-def storage_root(cfg: Config) -> Path:
-    """The local root of run folders: ``ray.storage_path`` or ``train.output_dir``, made
-    absolute (local or shared mount). With a URI ``ray.storage_path`` it is the local staging
-    root ``train.output_dir``, where run files are written before they are uploaded."""
-    if remote_storage(cfg):
-        return Path(cfg.train.output_dir).expanduser().resolve()
-    return Path(cfg.ray.storage_path or cfg.train.output_dir).expanduser().resolve()
-
-
-def storage_location(cfg: Config) -> str:
-    """What Ray Train gets as ``RunConfig(storage_path=...)``: the URI or the local root."""
-    return remote_storage(cfg) or str(storage_root(cfg))
-
-
-RUN_FILES_FETCHED = ("progress.jsonl",)  # what a resumed run needs back from the remote
-
-
-def staging_dir(run_dir: str | Path, run_uri: str) -> Path:
-    """This node's staging folder of a remote run: ``run_dir`` (the driver's
-    ``<train.output_dir>/<name>``), or the node cache when that path cannot be created here."""
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-    except OSError as exc:
-        alt = storage.local_cache_dir(run_uri) / "staging"
-        log.warning("cannot create the staging folder %s here (%s); using %s", run_dir, exc, alt)
-        alt.mkdir(parents=True, exist_ok=True)
-        return alt
-
-
-def pull_progress(run_dir: Path, run_uri: str) -> None:
-    """Fetch the remote ``progress.jsonl`` when it holds more than the staging copy (a resume
-    on a node that did not run the earlier attempts)."""
-    for name in RUN_FILES_FETCHED:
-        remote = storage.join(run_uri, name)
-        local = run_dir / name
-        try:
-            size = storage.file_size(remote)
-            if size is None or (local.is_file() and local.stat().st_size >= size):
-                continue
-            storage.download_file(remote, local)
-        except storage.StorageError as exc:
-            log.warning("could not fetch %s: %s", remote, exc)
-
-
-#: (staging folder, run URI) -> {relative name: (size, mtime_ns)} of the files this process
-#: last uploaded there successfully (see :func:`push_run_dir`)
-_PUSHED: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
-
-
-def _file_stamps(run_dir: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for p in run_dir.rglob("*"):
-        try:
-            if p.is_file():
-                st = p.stat()
-                out[p.relative_to(run_dir).as_posix()] = (st.st_size, st.st_mtime_ns)
-        except OSError:  # removed meanwhile
-            pass
-    return out
-
-
-def push_run_dir(run_dir: Path, run_uri: str) -> int:
-    """Upload the staging folder (config, progress, TensorBoard, pid files) to ``run_uri``:
-    the files that are new or changed (size or modification time) since this process's last
-    successful push there, so a checkpoint does not re-send the whole folder. Returns the
-    number of files sent. A failure is logged, not raised (the checkpoints are Ray's and
-    already persisted), and the next push sends everything changed since the last success."""
-    key = (str(run_dir), str(run_uri))
-    sent = _PUSHED.get(key, {})
-    stamps = _file_stamps(run_dir)
-    try:
-        n = storage.upload_dir(
-            run_dir, run_uri, exclude=lambda rel: rel in stamps and sent.get(rel) == stamps[rel]
-        )
-    except storage.StorageError as exc:
-        log.warning("could not upload the run files to %s: %s", run_uri, exc)
-        return 0
-    _PUSHED[key] = stamps
-    return n
-
-
-def _prepare_local_run(cfg: Config, run_dir: Path, name: str) -> None:
-    """Driver side of a local run: the run folder, the config compared and written."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = run_dir / CONFIG_FILE
-    if cfg_file.is_file():
-        from ffc_ray.config import load_config
-
-        try:
-            old = load_config(cfg_file)
-            if old != cfg:
-                log.warning(
-                    "%s: resuming run %r with a different config than before", cfg_file, name
-                )
-        except ConfigError:
-            log.warning("%s: previous config unreadable, overwritten", cfg_file)
-    cfg.save(cfg_file)
-
-
-def _prepare_remote_run(cfg: Config, run_dir: Path, run_uri: str, name: str) -> None:
-    """Driver side of a remote run: a stale staging folder of another run is moved aside, the
-    remote config compared and the new one uploaded."""
-    try:
-        fresh = storage.is_empty_dir(run_uri)
-    except storage.StorageError as exc:
-        raise ConfigError(f"config field 'ray.storage_path': {exc}") from exc
-    if fresh and run_dir.is_dir() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning(
-            "%s: staging folder of an earlier run, but %s is new: moved to %s",
-            run_dir,
-            run_uri,
-            aside,
-        )
-        run_dir.rename(aside)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remote_cfg = storage.join(run_uri, CONFIG_FILE)
-    if not fresh and storage.is_file(remote_cfg):
-        import yaml
-
-        try:
-            old = Config.from_dict(yaml.safe_load(storage.read_text(remote_cfg)))
-            if old != cfg:
-                log.warning(
-                    "%s: resuming run %r with a different config than before", remote_cfg, name
-                )
-        except (ConfigError, yaml.YAMLError, storage.StorageError):
-            log.warning("%s: previous config unreadable, overwritten", remote_cfg)
-    cfg.save(run_dir / CONFIG_FILE)
-    try:
-        storage.upload_file(run_dir / CONFIG_FILE, remote_cfg)
-    except storage.StorageError as exc:
-        raise ConfigError(f"config field 'ray.storage_path': {exc}") from exc
-
-
-def _check_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
-        raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' or '-'")
-    return name
-
-
-def resolve_paths(cfg: Config) -> Config:
-    """Relative data and pairs paths made absolute: workers do not share the driver's cwd."""
-    over: dict[str, Any] = {}
-    if cfg.data.source != "synthetic" and "://" not in cfg.data.source:
-        over["data.source"] = str(Path(cfg.data.source).expanduser().resolve())
-    pairs = [
-        p if p == "synthetic" or "://" in p else str(Path(p).expanduser().resolve())
-        for p in cfg.eval.pairs
-    ]
-    if pairs != list(cfg.eval.pairs):
-        over["eval.pairs"] = pairs
-    return cfg.with_overrides(over) if over else cfg
-
-
 def ensure_ray(address: str | None = None) -> None:
     """Start a local Ray (``address`` None) or join a cluster (``auto`` / ``ray://host:port``)."""
     import ray
@@ -728,7 +575,7 @@ def run_training(
     actor alive and returns its handle (for inspection); otherwise it is ended after the run.
     ``callbacks`` go to the ``RunConfig`` (``ray.train.UserCallback``, run on the controller).
     """
-    name = _check_name(name or default_run_name(cfg, config_path))
+    name = check_run_name(name or default_run_name(cfg, config_path))
     if cfg.head.type == "partial_fc" and cfg.ray.num_workers > 1:
         raise ConfigError(
             "config field 'ray.num_workers': partial_fc runs on one worker (its "
@@ -746,9 +593,9 @@ def run_training(
     remote = remote_storage(cfg)
     run_uri = storage.join(remote, name) if remote else None
     if run_uri:
-        _prepare_remote_run(cfg, run_dir, run_uri, name)
+        prepare_remote_run(cfg, run_dir, run_uri, name)
     else:
-        _prepare_local_run(cfg, run_dir, name)
+        prepare_local_run(cfg, run_dir, name)
 
     actor = None
     if cfg.head.type == "ffc":

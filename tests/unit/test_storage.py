@@ -374,7 +374,7 @@ def test_config_accepts_uris_and_rejects_malformed_ones():
 
 
 def test_train_locations_with_a_uri(tmp_path):
-    from ffc_ray.ray import train as rt
+    from ffc_ray.ray import run_dir as rt
 
     local = Config().with_overrides({"train.output_dir": str(tmp_path / "o")})
     assert rt.remote_storage(local) is None
@@ -392,7 +392,7 @@ def test_train_locations_with_a_uri(tmp_path):
 
 
 def test_run_files_push_and_pull(tmp_path):
-    from ffc_ray.ray import train as rt
+    from ffc_ray.ray import run_dir as rt
 
     run_uri = uri(tmp_path / "bucket" / "runs" / "r1")
     staging = tmp_path / "staging" / "r1"
@@ -414,7 +414,7 @@ def test_run_files_push_and_pull(tmp_path):
 def test_run_files_push_sends_only_what_changed(tmp_path, monkeypatch):
     """A checkpoint's push uploads the new and changed files, not the whole staging folder;
     after a failed push, the next one sends everything changed since the last success."""
-    from ffc_ray.ray import train as rt
+    from ffc_ray.ray import run_dir as rt
 
     run_uri = uri(tmp_path / "bucket" / "r2")
     staging = tmp_path / "staging" / "r2"

@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ffc-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # a checkpoint holding more than plain data: refused, named
+        from ffc_ray.engine.checkpoint import CheckpointError
+
+        if not isinstance(exc, CheckpointError):
+            raise
+        print(f"ffc-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

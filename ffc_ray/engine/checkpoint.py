@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +100,36 @@ def write_checkpoint(
     return meta
 
 
+class CheckpointError(ValueError):
+    """A ``state.pt`` that holds anything but plain data (it is never executed)."""
+
+
+def _numpy_globals() -> list[Any]:
+    """What a checkpoint's numpy arrays (pool index, numpy RNG state) need under
+    ``weights_only``: numpy's array reconstructor, ndarray, dtype, bytes and the numeric dtypes
+    (no object dtype, nothing that runs code)."""
+    reconstruct = np.empty(0).__reduce__()[0]
+    dtypes = {type(np.dtype(c)) for c in "?bhilqBHILQefdFD"}
+    return [reconstruct, np.ndarray, np.dtype, bytes, *dtypes]
+
+
 def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
-    """Read ``state.pt`` from a checkpoint folder written by :func:`write_checkpoint`."""
+    """Read ``state.pt`` from a checkpoint folder written by :func:`write_checkpoint`, as plain
+    data only (``weights_only``: tensors, numbers, strings, containers, numeric numpy arrays);
+    a file holding any other object is refused before anything in it runs."""
     f = Path(path) / STATE_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path}: not an ffc_ray checkpoint (no {STATE_FILE})")
-    return torch.load(f, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = found.group(1) if found else "an object that is not plain data"
+        raise CheckpointError(
+            f"{f}: refused: it holds {what}; checkpoints are read as plain data only "
+            "(tensors, numbers, strings, containers, numeric arrays)"
+        ) from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ffc_ray.config import Config
+from ffc_ray.engine.checkpoint import load_checkpoint_state
 
 BASE = {
     "data.num_identities": 64,
@@ -85,7 +85,7 @@ def pool_sum_from_state(state: dict) -> str:
 
 
 def load_state(ckpt_dir: Path) -> dict:
-    return torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+    return load_checkpoint_state(ckpt_dir)
 
 
 def assert_index_equal(state: dict, ref_state: dict) -> None:

@@ -33,3 +33,28 @@ def test_cited_reference_sections_exist():
         for m in re.finditer(r"docs/reference\.md ([\d.,\- ]+)", path.read_text()):
             cited |= set(re.findall(r"\d+\.\d+", m.group(1)))
     assert cited and cited <= headings, cited - headings
+
+
+def test_private_ray_data_use_is_only_the_version_guarded_scheduler_throttle():
+    """``ray.data._internal`` and the executor's ``_topology`` appear in stream.py alone, and on
+    any Ray release but the measured one the throttle is not installed at all."""
+    import subprocess
+    import sys
+
+    users = {
+        str(p.relative_to(PACKAGE.parent))
+        for p in PACKAGE.rglob("*.py")
+        if re.search(r"ray\.data\._internal|\._topology\b", p.read_text())
+    }
+    assert users == {"ffc_ray/data/stream.py"}
+    code = (
+        "import ray; ray.__version__ = '9.9.9'\n"
+        "from ray.data import DataContext\n"
+        "import ffc_ray.data.stream as s\n"
+        "assert s.QuietScheduler is None, s.QuietScheduler\n"
+        "ctx = DataContext.get_current(); before = list(ctx.custom_execution_callback_classes)\n"
+        "s.quiet_scheduler(ctx)\n"
+        "assert list(ctx.custom_execution_callback_classes) == before\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

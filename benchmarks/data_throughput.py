@@ -532,7 +532,7 @@ def main() -> int:
         if not args.no_ray:
             import ray
 
-            from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
+            from ffc_ray.ray.start import LOCAL_SYSTEM_CONFIG
 
             ray.init(
                 num_cpus=2,
@@ -649,6 +649,9 @@ def main() -> int:
         summary[f"{name}_lmdb_ips_per_core"] = round(d["lmdb"]["ips_per_core"], 1)
         if "ray" in d:
             summary[f"{name}_ray_ips_per_core"] = round(d["ray"]["ips_per_core"], 1)
+    from common import run_info  # benchmarks/common.py
+
+    summary.update(run_info())
     print(json.dumps(summary))
     return 0
 

@@ -205,6 +205,9 @@ def main() -> int:
         "dcp_runs_10m": bool((get("dcp10", 10_000_000) or {}).get("fits")),
         "dcp_runs_100m": bool(big.get("fits")),
     }
+    from common import run_info  # benchmarks/common.py
+
+    summary.update(run_info())
     print(json.dumps(summary))
     return 0
 

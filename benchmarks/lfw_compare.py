@@ -177,7 +177,7 @@ def main() -> None:
     store, pairs = prepare_data(lfw, args.image_size, Path(args.cache))
     for attempt in range(3):  # a raylet start can exceed Ray's 30 s on a busy machine
         try:
-            from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
+            from ffc_ray.ray.start import LOCAL_SYSTEM_CONFIG
 
             ray.init(num_cpus=2, configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
             break
@@ -198,6 +198,9 @@ def main() -> None:
     }
     if "ffc" in by and "fc" in by and by["ffc"]["accuracy"] is not None:
         out["ffc_minus_fc_points"] = round(100 * (by["ffc"]["accuracy"] - by["fc"]["accuracy"]), 2)
+    from common import run_info  # benchmarks/common.py
+
+    out.update(run_info())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(table(rows))

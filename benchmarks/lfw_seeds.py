@@ -154,6 +154,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(out, indent=1))
     for head, s in out["heads"].items():
         print(f"{head}: {s['accuracy_mean']:.4f} +- {s['accuracy_std']} over seeds {s['seeds']}")
+    from common import run_info  # benchmarks/common.py
+
+    out.update(run_info())
     print(json.dumps(out))
 
 

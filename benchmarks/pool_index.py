@@ -194,6 +194,9 @@ def main() -> None:
             out[f"{pol}_labels_per_s"] = round(r["plain"])
             out[f"{pol}_labels_per_s_transactional"] = round(r["transactional"])
             out[f"{pol}_naive_labels_per_s"] = round(r["naive"])
+    from common import run_info  # benchmarks/common.py
+
+    out.update(run_info())
     print(json.dumps(out))
 
 

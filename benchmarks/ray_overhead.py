@@ -88,7 +88,7 @@ def main() -> None:
         from ffc_ray.ray.train import run_training
 
         t0 = time.perf_counter()
-        from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
+        from ffc_ray.ray.start import LOCAL_SYSTEM_CONFIG
 
         ray.init(num_cpus=2, configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
         t_init = time.perf_counter() - t0
@@ -135,6 +135,9 @@ def main() -> None:
         f"plain {out['plain_step_ms']} ms/step, Ray Train {out['ray_step_ms']} ms/step: "
         f"overhead {100 * out['overhead']:.1f} %"
     )
+    from common import run_info  # benchmarks/common.py
+
+    out.update(run_info())
     print(json.dumps(out))
 
 

@@ -192,8 +192,6 @@ class RayConfig:
     address: str | None = None
     storage_path: str | None = None  # default: <train.output_dir> made absolute
     max_failures: int = 1
-    # per-step pool actor call over a direct TCP connection (falls back to Ray calls on failure)
-    pool_fast_path: bool = True
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,15 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 def ray_session():
     """Start Ray once for the whole session (2 CPUs), shut it down at the end.
 
-    Goes through ``start_local_ray`` so the GCS address is pinned into the job's runtime env:
+    Goes through ``start_ray`` so the dashboard address is pinned into the job's runtime env:
     Ray Train's placement-group cleaner otherwise fails when other Ray instances run on the
     machine, and leaked placement groups stall later tests.
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        from ffc_ray.ray.sweep import start_local_ray
+        from ffc_ray.ray.start import start_ray
 
-        start_local_ray(num_cpus=2, log_to_driver=False)
+        start_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -27,7 +27,6 @@ import numpy as np
 from ffc_ray.data.store import FaceStore, open_store, read_records
 from ffc_ray.data.transforms import Augment, decode_augment_normalize, mix_seed, splitmix64
 from ffc_ray.data.types import FaceArrays
-from ffc_ray.heap import reuse_freed_memory
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: Ray Data read tasks never load it
     import torch
@@ -227,7 +226,6 @@ class StoreDualReader:
         self.spec = spec
         self.store = spec.store_handle()
         self.device = torch.device(device)
-        reuse_freed_memory()  # a view's fresh float array every step: reuse the freed ones
 
     @classmethod
     def from_config(

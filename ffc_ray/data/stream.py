@@ -20,10 +20,16 @@ uint8 images, normalised by the consumer on its device (or float32 normalised in
 ``normalize=True``). A dataset covers global steps ``[start_step, start_step + num_steps)``
 across epochs, so resuming at a step is exact.
 
-Why one dataset per rank, not Ray Train's ``streaming_split``: the split hands blocks to
-whichever rank asks first, so a rank's rows would not be the sampler's rows for that rank.
-Unsplit datasets (``DataConfig(datasets_to_split=[])``) are executed lazily by the one worker
-that iterates them, in sampler order (``preserve_order=True``), without a cross-rank barrier.
+Why one dataset per rank, not one dataset split across ranks: a split hands blocks to whichever
+rank asks first, so a rank's rows would not be the sampler's rows for that rank. Each rank's
+dataset is iterated in sampler order (``preserve_order=True``), without a cross-rank barrier.
+
+Where the executor runs: a worker iterates its dataset through ``streaming_split(1)``, the
+public way to run Ray Data's streaming executor in a coordinator actor of its own (one split:
+every block, in order, to this worker). Iterated directly, the executor's scheduling thread
+runs inside the training process; in Ray 2.60 it turns without waiting while the consumer is
+behind and convoys on the GIL with the training thread (LFW FFC at 64 px: 1.3 s per step
+against 0.40 s with the in-worker reader). See docs/reference.md 3.4.
 
 CPU: Ray Data tasks ask for ``read_cpus`` (``cfg.data.read_cpus``, 0.25 by default) so that on
 a 2-CPU machine two training workers at 0.5 CPU each leave room for four read tasks; with the
@@ -38,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -51,7 +56,6 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ffc_ray.data.reader import DualBatch, StreamSpec, row_seeds
 from ffc_ray.data.store import read_records
 from ffc_ray.data.transforms import decode_augment_chw, decode_augment_normalize
-from ffc_ray.heap import reuse_freed_memory
 
 if TYPE_CHECKING:  # the consumer functions import torch: a read task's process never loads it
     import torch
@@ -62,99 +66,6 @@ log = logging.getLogger(__name__)
 #: benchmarks/data_throughput.py's setup (LFW, 112 px, one task at a time, 2 cores), images per
 #: CPU-second of the whole stream: 8 steps of 64 + 64 images (1024) 4211, 16 steps (2048) 4654.
 IMAGES_PER_TASK = 2048
-
-#: Ray Data's scheduling loop, idle (see :class:`QuietScheduler`): the first pause after a turn
-#: that moved nothing forward, doubled on each such turn up to one turn per
-#: ``SCHED_MIN_INTERVAL_S`` (the loop's own wait on running tasks, 0.1 s in Ray 2.60)
-SCHED_FIRST_SLEEP_S = 0.001
-SCHED_MIN_INTERVAL_S = 0.1
-
-#: The Ray release :class:`QuietScheduler` was measured on. It subclasses a private Ray Data
-#: class (``ray.data._internal...ExecutionCallback``; the hook itself is the public
-#: ``DataContext.custom_execution_callback_classes``) and reads the executor's private
-#: ``_topology``, so any other release runs without it. Measured need (LFW FFC, 2 CPUs): at 64 px
-#: 1.3 s/step through the stream without a throttle against 0.40 with the in-worker reader; with
-#: this back-off 320 ms/step against the reader's 328 (commits 8a6c35b, 4b4d6d9).
-#: Upstream, the scheduling loop's cost is tracked in ray-project/ray#63544; no public way to
-#: space an idle loop's turns exists in 2.60. Issue 19 replaces this with a public mechanism.
-QUIET_SCHEDULER_RAY = "2.60.0"
-
-ExecutionCallback = None
-if ray.__version__ == QUIET_SCHEDULER_RAY:
-    from ray.data._internal.execution.execution_callback import ExecutionCallback
-
-
-if ExecutionCallback is not None:
-
-    class QuietScheduler(ExecutionCallback):
-        """Keeps Ray Data's scheduling loop from spinning: turns that move nothing forward are
-        spaced by pauses that grow from 1 ms to ``SCHED_MIN_INTERVAL_S``.
-
-        In Ray 2.60 the loop waits on its running tasks (``ray.wait``, 0.1 s) but, once every
-        task it may start is done (or has output it may not read) and the consumer is behind
-        (output backpressure), it turns with no wait at all: a thread that spins on the GIL in
-        the process that iterates the dataset. In a training worker that thread and the
-        training thread (many small torch ops, each giving up and taking back the GIL) convoy:
-        LFW FFC at 64 px ran 1.3 s/step with the Ray Data stream against 0.42 s/step with the
-        in-worker reader, until the stream's last tasks were done (then 0.45 s).
-
-        So a turn that came back without moving anything forward (no task submitted or
-        finished, no block produced: the operators' counters, :func:`_progress`) sleeps before
-        the next one, and the sleeps grow while that goes on: 1 ms, 2, 4, ... up to
-        ``SCHED_MIN_INTERVAL_S``. A turn that moved things on, or that waited its full time on
-        running tasks (not spinning), starts the sleeps over at 1 ms: the turns right after a
-        task's last block (when its end and its metadata arrive, and the next task is
-        dispatched) stay milliseconds apart. An earlier version slept out 0.1 s after every
-        quick turn, which put 0.15-0.2 s between two read tasks: with one task at a time the
-        read worker stood idle about 30 % of the time (measured, LFW at 112 px: 5.0 s wall for
-        3.3 s of reading, 0.03 s between tasks with no throttle). ``on_execution_step`` is the
-        loop's documented per-turn hook (``DataContext.custom_execution_callback_classes``);
-        one instance per execution.
-        """
-
-        def __init__(self) -> None:
-            self._last: float | None = None
-            self._progress: tuple | None = None
-            self._sleep = SCHED_FIRST_SLEEP_S
-
-        def on_execution_step(self, executor: Any) -> None:
-            now = time.perf_counter()
-            progress = _progress(executor)
-            moved = progress is not None and progress != self._progress
-            if self._last is None or moved or now - self._last >= SCHED_MIN_INTERVAL_S:
-                self._sleep = SCHED_FIRST_SLEEP_S
-            else:
-                rest = self._sleep - (now - self._last)
-                if rest > 0:
-                    time.sleep(rest)
-                    now = time.perf_counter()
-                self._sleep = min(2.0 * self._sleep, SCHED_MIN_INTERVAL_S)
-            self._last, self._progress = now, progress
-
-else:  # pragma: no cover
-    QuietScheduler = None  # type: ignore[assignment,misc]
-
-
-def _progress(executor: Any) -> tuple | None:
-    """What the executor's operators have done so far (tasks submitted and finished, blocks
-    produced), or None where this Ray's executor does not tell (then only a turn that waited its
-    full time on running tasks starts the pauses over)."""
-    try:
-        return tuple(
-            (m.num_tasks_submitted, m.num_tasks_finished, m.num_task_outputs_generated)
-            for m in (op.metrics for op in executor._topology)
-        )
-    except (AttributeError, TypeError):
-        return None
-
-
-def quiet_scheduler(ctx: Any) -> None:
-    """Adds :class:`QuietScheduler` to a ``DataContext`` (once)."""
-    if QuietScheduler is not None and QuietScheduler not in ctx.custom_execution_callback_classes:
-        ctx.custom_execution_callback_classes = [
-            *ctx.custom_execution_callback_classes,
-            QuietScheduler,
-        ]
 
 
 def dataset_name(rank: int) -> str:
@@ -195,16 +106,12 @@ def _read_chunk(spec: StreamSpec, epoch: int, lo: int, hi: int, normalize: bool)
     plan, size = spec.plan(epoch), store.image_size
     seeds = row_seeds(spec, epoch, lo, hi)
     n, v = hi - lo, plan.view_batch
-    views = None if normalize else _block_buffer((2, n * v, 3, size, size))
     batch: dict[str, np.ndarray] = {}
-    for k, (view, rows, sd) in enumerate(
-        (("x", plan.x[lo:hi], seeds[:, 0]), ("y", plan.y[lo:hi], seeds[:, 1]))
-    ):
+    for view, rows, sd in (("x", plan.x[lo:hi], seeds[:, 0]), ("y", plan.y[lo:hi], seeds[:, 1])):
         idx = rows.reshape(-1).astype(np.int64)
         keys = store.keys[idx]
         blobs = read_records(store.path, keys, store.shards[idx])
-        out = None if views is None else views[k]
-        images = _prepare(blobs, sd.reshape(-1), keys, spec, size, normalize, out)
+        images = _prepare(blobs, sd.reshape(-1), keys, spec, size, normalize)
         batch[view] = images.reshape(n, v, *images.shape[1:])
         batch["l" + view] = store.labels[idx].astype(np.int64).reshape(n, v)
         batch["i" + view] = idx.reshape(n, v)
@@ -288,7 +195,6 @@ def _prepare(
     spec: StreamSpec,
     size: int,
     normalize: bool,
-    out: np.ndarray | None = None,
 ) -> np.ndarray:
     def source(i: int) -> str:  # built only for a record that fails to decode
         return f"{spec.store} key {bytes(keys[i]).decode('ascii', 'replace')}"
@@ -296,43 +202,7 @@ def _prepare(
     if normalize:
         return decode_augment_normalize(blobs, seeds, size, spec.augment, source)
     # uint8 [B, 3, S, S]: the same steps, the normalisation left to the consumer
-    return decode_augment_chw(blobs, seeds, size, spec.augment, source, out)
-
-
-_BLOCK_BUFFER: dict[str, Any] = {}  # this process's read tasks' uint8 image buffer, its owner
-
-
-def _current_task_id() -> str | None:
-    """The Ray task this code runs in; None outside a Ray task (a driver, no Ray)."""
-    if not ray.is_initialized():
-        return None
-    return ray.get_runtime_context().get_task_id()  # None in a driver (Ray's public API)
-
-
-def _block_buffer(shape: tuple[int, ...]) -> np.ndarray:
-    """A uint8 array of ``shape`` for a read task's images: the same memory task after task.
-
-    A block's images (tens of MB) are above glibc's largest mmap threshold (32 MiB), so a fresh
-    array per task is a fresh mapping whose every page the kernel zeroes on first write, only
-    for Ray to copy the block into the object store when the task hands it over. Ray copies a
-    task's output (into the object store, or inline for a small one) as the task's generator
-    yields it, and a worker process runs one task at a time, so the NEXT task may overwrite the
-    memory. Within one Ray task it may not: were several read tasks run in one Ray task (an
-    operator fused after the read that bundles rows), Ray Data could hold a block while the next
-    is decoded (Ray 2.60 runs this read as its own operator, one read task per Ray task, even
-    before ``map_batches(batch_size=...)``: checked). So the buffer goes to each Ray task once;
-    a second request from the same task, or one outside a Ray task, gets a fresh array.
-    The buffer grows to the largest block asked for and stays at that size.
-    """
-    need = int(np.prod(shape))
-    task = _current_task_id()
-    if task is None or task == _BLOCK_BUFFER.get("task"):
-        return np.empty(shape, dtype=np.uint8)
-    buf = _BLOCK_BUFFER.get("buffer")
-    if buf is None or buf.size < need:
-        buf = np.empty(need, dtype=np.uint8)
-    _BLOCK_BUFFER.update(buffer=buf, task=task)
-    return buf[:need].reshape(shape)
+    return decode_augment_chw(blobs, seeds, size, spec.augment, source)
 
 
 def build_rank_dataset(
@@ -365,7 +235,6 @@ def build_rank_dataset(
     )
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
-    quiet_scheduler(ds.context)
     return ds
 
 
@@ -464,7 +333,6 @@ def iter_step_batches(
     """
     import torch
 
-    reuse_freed_memory()  # a view's fresh float tensor every step: reuse the freed ones
     dev = torch.device(device)
     label_dev = torch.device("cpu") if labels_on_cpu else dev
     prev: tuple[int, int] | None = None
@@ -531,7 +399,8 @@ def iter_worker_steps(
     streams = []
     for sp in specs:
         ds = build_rank_dataset(sp, num_steps, start_step, read_cpus=float(cfg.data.read_cpus))
-        streams.append(iter_step_batches(sp, ds, device, prefetch_batches, labels_on_cpu=True))
+        (it,) = ds.streaming_split(1)  # the executor in its own actor, not in this process
+        streams.append(iter_step_batches(sp, it, device, prefetch_batches, labels_on_cpu=True))
     for g in range(int(start_step), int(start_step) + int(num_steps)):
         want = divmod(g, spe)
         parts = []

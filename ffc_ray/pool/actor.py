@@ -19,14 +19,10 @@ Protocol (what makes the call safe under restarts and retries):
   ``torch.distributed.broadcast`` and unpacked on every rank with :func:`unpack_slots`. int32
   keeps a 4 x 4096-label answer under Ray's 100 KiB inline limit, so it skips the object store.
 
-Fast path: a Ray actor call costs 2 - 4 ms here (gRPC between processes, several thread hand-offs
-on each side), more than the index work itself. Rank 0 therefore sends the per-step call over one
-plain TCP connection to a small server thread in the actor (:class:`FastPlanServer`, address from
-:meth:`PoolIndexActor.fast_address`; a per-actor random token must open the connection; frames are
-raw int32/int64 arrays, nothing is unpickled), which runs the same idempotent :meth:`plan`. Every
-other call (reset, load_state, get_state, info) stays a Ray call, and so does ``plan`` whenever the
-connection cannot be made or breaks (:class:`FastPlanClient` raises, the caller falls back): the
-protocol above makes the fallback safe. A restarted actor has a new server and token.
+The call is a plain Ray actor call. Rank 0 submits it as soon as the step's labels are known
+and collects the answer after the EMA update and the G-Net forward, so the round trip (about
+2-4 ms on a 2-core machine) is hidden behind work the step does anyway
+(:class:`~ffc_ray.ray.dist.ActorPlanner`).
 
 This is the only module under ``ffc_ray/pool/`` that imports ray, and only inside functions, so
 importing it costs nothing.
@@ -36,10 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import secrets
-import socket
-import struct
-import threading
 import time
 import warnings
 from typing import Any
@@ -206,9 +198,6 @@ class PoolIndexActor:
         self._step: int | None = None  # None: no state yet (new or restarted actor)
         self._cache: tuple[int, np.ndarray] | None = None
         self._plans = 0
-        self._fast_plans = 0
-        self._lock = threading.Lock()  # the fast-path thread and Ray calls share the index
-        self._server: FastPlanServer | None = None
         self._restarted = _was_reconstructed()
         if self._restarted:
             log.warning("pool actor restarted without its index; waiting for load_state")
@@ -223,17 +212,13 @@ class PoolIndexActor:
             "size": len(self._index),
             "restarted": self._restarted,
             "plans": self._plans,
-            "fast_plans": self._fast_plans,
-            "fast_connections": self._server.connections if self._server else 0,
-            "fast_refused": self._server.rejected if self._server else 0,
         }
 
     def reset(self) -> int:
         """Empty index at step 0 (a fresh run, or a restart before the first checkpoint)."""
-        with self._lock:
-            self._index = PoolIndex(self._capacity, self._policy)
-            self._step = 0
-            self._cache = None
+        self._index = PoolIndex(self._capacity, self._policy)
+        self._step = 0
+        self._cache = None
         return 0
 
     def load_state(self, state: dict[str, Any] | None, step: int) -> str:
@@ -241,31 +226,16 @@ class PoolIndexActor:
         index = PoolIndex(self._capacity, self._policy)
         if state is not None:
             index.load_state_dict(state)
-        with self._lock:
-            self._index = index
-            self._step = int(step)
-            self._cache = None
+        self._index = index
+        self._step = int(step)
+        self._cache = None
         return index_checksum(index.state_dict())
 
     def get_state(self) -> tuple[dict[str, Any] | None, int | None]:
         """(``PoolIndex.state_dict()``, step) for the checkpoint; state None when lost."""
-        with self._lock:
-            if self._step is None:
-                return None, None
-            return self._index.state_dict(), self._step
-
-    def fast_address(self) -> tuple[str, int, bytes]:
-        """(host, port, token) of this actor's fast-path server, started on first use: the
-        node's IP inside Ray (reachable from workers on other nodes), loopback outside it."""
-        with self._lock:
-            if self._server is None:
-                self._server = FastPlanServer(self._fast_plan, _node_ip())
-            return self._server.host, self._server.port, self._server.token
-
-    def _fast_plan(self, step: int, labels: np.ndarray) -> np.ndarray:
-        answer = self.plan_packed(step, labels)
-        self._fast_plans += 1
-        return answer
+        if self._step is None:
+            return None, None
+        return self._index.state_dict(), self._step
 
     # ---- the per-step call ------------------------------------------------------------------
     def plan_packed(self, step: int, labels: np.ndarray) -> np.ndarray:
@@ -281,10 +251,6 @@ class PoolIndexActor:
         commit_probe: np.ndarray,
     ) -> np.ndarray:
         """Slots for step ``step`` (0-based): :func:`plan_step` once, packed; idempotent."""
-        with self._lock:
-            return self._plan(step, trial_gallery, trial_probe, commit_gallery, commit_probe)
-
-    def _plan(self, step, trial_gallery, trial_probe, commit_gallery, commit_probe) -> np.ndarray:
         n = (len(trial_gallery), len(trial_probe), len(commit_gallery), len(commit_probe))
         if self._step is None:
             return status_answer(STATUS_LOST, None, *n)
@@ -299,132 +265,6 @@ class PoolIndexActor:
         self._cache = (step, packed)
         self._plans += 1
         return packed
-
-
-# ---- the fast path ------------------------------------------------------------------------------
-
-#: request header: step, label itemsize (4 or 8), payload bytes; answer header: payload bytes
-_REQ = struct.Struct("<qqq")
-_ANS = struct.Struct("<q")
-TOKEN_BYTES = 16
-_MAX_FRAME = 1 << 31  # a larger length is a corrupt or foreign stream
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError(f"pool fast path: connection closed after {got} of {n} bytes")
-        got += k
-    return buf
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames, no Nagle delay
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-
-def _node_ip() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - plain object in unit tests
-        pass
-    return "127.0.0.1"
-
-
-class FastPlanServer:
-    """Serves ``plan(step, packed labels) -> packed answer`` over TCP, one thread per connection
-    (a stale connection of a dead rank 0 never blocks a new one). A connection must first send
-    the server's random token, or it is closed unserved. Daemon threads: they end with the
-    actor process."""
-
-    def __init__(self, plan, host: str = "127.0.0.1") -> None:
-        self._plan = plan
-        self.token = secrets.token_bytes(TOKEN_BYTES)
-        self._sock = socket.create_server((host, 0))
-        self.host, self.port = host, self._sock.getsockname()[1]
-        self.connections = 0
-        self.rejected = 0
-        threading.Thread(target=self._accept, name="pool-fast-accept", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:  # closed
-                return
-            _tune(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                if not secrets.compare_digest(bytes(_recv_exact(conn, TOKEN_BYTES)), self.token):
-                    self.rejected += 1
-                    log.warning("pool fast path: a connection with a wrong token was refused")
-                    return
-                self.connections += 1
-                while True:
-                    step, itemsize, nbytes = _REQ.unpack(_recv_exact(conn, _REQ.size))
-                    if itemsize not in (4, 8) or not 0 <= nbytes < _MAX_FRAME:
-                        log.warning("pool fast path: malformed request header, connection closed")
-                        return
-                    dtype = np.int32 if itemsize == 4 else np.int64
-                    labels = np.frombuffer(_recv_exact(conn, nbytes), dtype=dtype)
-                    answer = np.ascontiguousarray(self._plan(step, labels), dtype=PACK_DTYPE)
-                    conn.sendall(_ANS.pack(answer.nbytes) + answer.tobytes())
-            except (ConnectionError, OSError):
-                return  # the client went away; it falls back or reconnects
-            except Exception:  # noqa: BLE001 - the client sees the closed connection and
-                # repeats the call through Ray, which raises the error where it can be read
-                log.exception("pool fast path: plan failed; connection closed")
-
-
-class FastPlanClient:
-    """Rank 0's end of the fast path: :meth:`send` a step's packed labels, later :meth:`recv`
-    the packed answer. Any failure raises ``OSError`` / ``ConnectionError`` (the caller then
-    closes this client and uses the Ray call). A request whose answer was never collected
-    (a step abandoned by an error) is drained before the next one is sent."""
-
-    def __init__(self, host: str, port: int, token: bytes, timeout_s: float = 300.0) -> None:
-        self._sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0))
-        try:
-            _tune(self._sock)
-            self._sock.settimeout(timeout_s)
-            self._sock.sendall(token)
-        except OSError:
-            self._sock.close()
-            raise
-        self._inflight = False
-
-    def send(self, step: int, labels: np.ndarray) -> None:
-        if self._inflight:
-            self.recv()  # the answer of an abandoned request: keep the stream in step
-        labels = np.ascontiguousarray(labels)
-        if labels.dtype not in (np.int32, np.int64):
-            raise ValueError(f"pool fast path: labels must be int32 or int64, not {labels.dtype}")
-        self._sock.sendall(_REQ.pack(int(step), labels.itemsize, labels.nbytes) + labels.tobytes())
-        self._inflight = True
-
-    def recv(self) -> np.ndarray:
-        (nbytes,) = _ANS.unpack(_recv_exact(self._sock, _ANS.size))
-        if not 0 <= nbytes < _MAX_FRAME or nbytes % 4:
-            raise ConnectionError(f"pool fast path: malformed answer length {nbytes}")
-        out = np.frombuffer(_recv_exact(self._sock, nbytes), dtype=PACK_DTYPE)
-        self._inflight = False
-        return out
-
-    def close(self) -> None:
-        try:
-            self._sock.close()
-        except OSError:
-            pass
 
 
 def _was_reconstructed() -> bool:

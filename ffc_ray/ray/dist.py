@@ -28,7 +28,6 @@ from ffc_ray.pool.actor import (
     STATUS_ERROR,
     STATUS_LOST,
     STATUS_OK,
-    FastPlanClient,
     pack_labels,
     packed_length,
     status_answer,
@@ -137,23 +136,12 @@ class ActorPlanner:
     waits for the answer (``last_wait_ms``), checks that the Trainer asks for exactly those
     labels, and broadcasts. ``last_latency_ms`` is the submit-to-answer time seen by rank 0
     (the round trip when nothing overlaps it), ``last_actor_ms`` the time inside the actor.
-
-    Transport (``fast=True``): the call goes over the actor's fast path (a TCP connection to a
-    server thread in the actor, see :mod:`ffc_ray.pool.actor`), about 3 ms less per round trip
-    than a Ray call here; if the connection cannot be opened or breaks, this planner uses Ray
-    calls from then on (``transport`` says which one is in use) and repeats the pending step's
-    call through Ray, which the actor's per-step idempotence makes safe.
     """
 
-    def __init__(
-        self, actor: Any, timeout_s: float = 300.0, symmetric: bool = True, fast: bool = True
-    ) -> None:
+    def __init__(self, actor: Any, timeout_s: float = 300.0, symmetric: bool = True) -> None:
         self.actor = actor
         self.timeout_s = float(timeout_s)
         self.symmetric = bool(symmetric)
-        self.fast = bool(fast)
-        self._client: FastPlanClient | None = None
-        self.transport = "fast" if self.fast else "ray"
         self.step = 0
         self.last_latency_ms = 0.0
         self.last_wait_ms = 0.0
@@ -162,53 +150,16 @@ class ActorPlanner:
         self._pending: dict[str, Any] | None = None
 
     # ---- rank 0: the call --------------------------------------------------------------------
-    def _fast_client(self) -> FastPlanClient | None:
-        """The fast-path connection, opened on first use; None once it has failed."""
-        if self.transport != "fast":
-            return None
-        if self._client is None:
-            import ray
-
-            try:
-                host, port, token = ray.get(
-                    self.actor.fast_address.remote(), timeout=self.timeout_s
-                )
-                self._client = FastPlanClient(host, port, token, self.timeout_s)
-            except Exception as exc:  # noqa: BLE001 - any failure: Ray calls from now on
-                self._fall_back(f"cannot open the fast path ({exc!r})")
-        return self._client
-
-    def _fall_back(self, why: str) -> None:
-        log.warning("pool actor: %s; using Ray calls from step %d on", why, self.step)
-        self.transport = "ray"
-        self.close()
-
-    def close(self) -> None:
-        """Close the fast-path connection (the end of training; safe to call twice)."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
     def _submit(
         self, tg: np.ndarray, tp: np.ndarray, cg: np.ndarray, cp: np.ndarray
     ) -> dict[str, Any]:
-        packed = pack_labels(tg, tp, cg, cp)
         pending = {
-            "packed": packed,
             "t0": time.perf_counter(),
             "n": (len(tg), len(tp), len(cg), len(cp)),
             "labels": (tg, tp, cg, cp),
             "step": self.step,
+            "ref": self.actor.plan_packed.remote(self.step, pack_labels(tg, tp, cg, cp)),
         }
-        client = self._fast_client()
-        if client is not None:
-            try:
-                client.send(self.step, packed)
-                pending["client"] = client
-                return pending
-            except (OSError, ValueError) as exc:
-                self._fall_back(f"fast path send failed ({exc!r})")
-        pending["ref"] = self.actor.plan_packed.remote(self.step, packed)
         return pending
 
     def _answer(self, pending: dict[str, Any]) -> np.ndarray:
@@ -216,16 +167,6 @@ class ActorPlanner:
         import ray
 
         t_wait = time.perf_counter()
-        if "client" in pending:
-            try:
-                packed = pending["client"].recv()
-                now = time.perf_counter()
-                self.last_wait_ms = (now - t_wait) * 1e3
-                self.last_latency_ms = (now - pending["t0"]) * 1e3
-                return packed
-            except OSError as exc:  # broken or timed out: the same call through Ray
-                self._fall_back(f"fast path answer failed ({exc!r})")
-                pending["ref"] = self.actor.plan_packed.remote(pending["step"], pending["packed"])
         try:
             packed = ray.get(pending["ref"], timeout=self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:

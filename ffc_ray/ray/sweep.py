@@ -40,7 +40,6 @@ when the dashboard's dependencies are missing.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -57,8 +56,8 @@ from ray.tune.logger import TBXLoggerCallback
 from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
 from ffc_ray.eval.sets import check_eval_sets
-from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
 from ffc_ray.ray.run_dir import resolve_paths, storage_root
+from ffc_ray.ray.start import start_ray
 from ffc_ray.ray.sweep_results import (
     BEST_CONFIG,
     OPTUNA_FILE,
@@ -460,93 +459,6 @@ def _check_study_is_new(url: str, study_name: str) -> None:
         )
 
 
-def _dashboard_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "opencensus"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_local_ray(
-    num_cpus: int | None = None,
-    log_to_driver: bool = True,
-    env_vars: Mapping[str, str] | None = None,
-) -> str:
-    """Start a local Ray with the dashboard on; return its GCS address.
-
-    The GCS port is chosen here (``RAY_GCS_SERVER_PORT``) so that the address can go into the
-    job's runtime environment as ``RAY_ADDRESS``: Ray Train's placement-group cleaner queries the
-    State API without an address and, when several Ray instances run on the machine (tests,
-    other users), fails with "Found multiple active Ray instances"; its placement groups then
-    leak and the next trial can wait forever.
-    """
-    import ray
-
-    if not _dashboard_available():
-        raise RuntimeError(
-            "ffc-ray sweep needs ray[default] (the dashboard / State API): without it the "
-            "placement groups of trials that ASHA stops are never removed and the next trial "
-            "waits forever. Install it with: pip install 'ray[default]==2.60.0'"
-        )
-    ip = ray.util.get_node_ip_address()
-    port = _free_port()
-    env = {
-        "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
-        **dict(env_vars or {}),
-        "RAY_ADDRESS": f"{ip}:{port}",
-    }
-    old = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            configure_logging=False,
-            log_to_driver=log_to_driver,
-            runtime_env={"env_vars": env},
-            _system_config=LOCAL_SYSTEM_CONFIG,
-        )
-    finally:
-        if old is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = old
-    gcs = ray.get_runtime_context().gcs_address
-    if gcs.rsplit(":", 1)[-1] != str(port):
-        log.warning(
-            "Ray started at %s, not on port %d: Train's placement-group cleanup may "
-            "fail if other Ray instances run on this machine",
-            gcs,
-            port,
-        )
-    return gcs
-
-
-def ensure_sweep_ray(address: str | None, num_cpus: int | None, log_to_driver: bool = True) -> None:
-    """Join ``address`` or start a local Ray (:func:`start_local_ray`)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        # an explicit host:port also goes to the job's workers (see start_local_ray)
-        env = {} if address == "auto" or "://" in address else {"RAY_ADDRESS": address}
-        ray.init(
-            address=address,
-            configure_logging=False,
-            log_to_driver=log_to_driver,
-            runtime_env={"env_vars": env} if env else None,
-        )
-        return
-    start_local_ray(num_cpus, log_to_driver=log_to_driver)
-
-
 # ------------------------------------------------------------------------------------------
 # the sweep
 
@@ -721,7 +633,7 @@ def run_sweep(
     if exp_uri is not None:
         push_sweep(exp_dir, exp_uri)  # the record (and a first study snapshot) up front
 
-    ensure_sweep_ray(address, num_cpus, log_to_driver)
+    start_ray(address, num_cpus, log_to_driver, need_dashboard=True)
     from ffc_ray.ray.train import check_data_cpus
 
     check_data_cpus(spec.base, int(spec.tune.max_concurrent or 1), float(spec.tune.trial_cpus))

@@ -65,6 +65,7 @@ from ffc_ray.ray.run_dir import (
     storage_location,
     storage_root,
 )
+from ffc_ray.ray.start import start_ray
 from ffc_ray.ray.tb import RunLogger, flat_hparams, process_memory_mb
 
 log = logging.getLogger(__name__)
@@ -184,9 +185,7 @@ def build_worker_trainer(
         raise ConfigError("data shards > workers (data-parallel emulation) is for the ffc head")
     planner = None
     if is_ffc:
-        planner = rdist.ActorPlanner(
-            actor, symmetric=cfg.head.symmetric, fast=cfg.ray.pool_fast_path
-        )
+        planner = rdist.ActorPlanner(actor, symmetric=cfg.head.symmetric)
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         if ghost > 1:
@@ -360,9 +359,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             break
 
     batches.close()  # a stop_after_step break: end the Ray Data streams' read-ahead now
-    if planner is not None:
-        planner.close()
-        summary["actor_transport"] = planner.transport
     # ---- end --------------------------------------------------------------------------------
     pool_sums = rdist.all_gather_strings(pool_checksum(trainer) or "")
     summary["model_checksums"] = rdist.all_gather_strings(model_checksum(trainer))
@@ -478,20 +474,6 @@ def default_run_name(cfg: Config, config_path: str | Path | None = None) -> str:
     return f"ffc_ray-{cfg.head.type}"
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Start a local Ray (``address`` None) or join a cluster (``auto`` / ``ray://host:port``)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        from ffc_ray.ray import LOCAL_SYSTEM_CONFIG
-
-        ray.init(configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
-
-
 def check_data_cpus(cfg: Config, concurrent_runs: int = 1, per_run_extra_cpus: float = 0.0) -> None:
     """Raise if Ray Data's read / decode tasks could never get a CPU next to the workers.
 
@@ -581,7 +563,7 @@ def run_training(
     num_classes = num_training_classes(cfg)
     capacity = cfg.check_pool_fits(num_classes)
     check_eval_sets(cfg)
-    ensure_ray(address or cfg.ray.address)
+    start_ray(address or cfg.ray.address)
     check_data_cpus(cfg)
 
     root = storage_root(cfg)

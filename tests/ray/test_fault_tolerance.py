@@ -112,8 +112,7 @@ def test_killed_actor_is_restored_from_last_checkpoint(ray_session, tmp_path: Pa
     try:
         info = ray.get(run.actor.info.remote())
         assert info["restarted"] is True and info["step"] == STEPS
-        # the restarted group reconnected to the new instance's fast path
-        assert info["fast_plans"] > 0 and run.summary["actor_transport"] == "fast"
+        assert info["plans"] > 0  # the restarted instance planned the steps after the reload
         _check_recovery(ray, run, cfg, world=2)
     finally:
         kill_pool_actor(run.actor)

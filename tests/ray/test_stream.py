@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
-from ray.data.block import BlockAccessor
 
 from ffc_ray.data.importers import ImportOptions, import_arrays
 from ffc_ray.data.reader import StoreDualReader, StreamSpec
@@ -179,14 +177,16 @@ def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_st
             np.testing.assert_array_equal(g.iy, r.iy)
 
 
-def test_object_store_blocks_from_the_reused_buffer_equal_the_reader(ray_session, tiny_store):
+def test_object_store_blocks_through_a_split_coordinator_equal_the_reader(ray_session, tiny_store):
     """Blocks big enough for the object store (over Ray's 100 KB inline limit), several tasks
-    per worker process decoding into the same buffer: every step equals the reader's."""
+    per worker process, iterated through ``streaming_split(1)`` (the executor in its own actor,
+    as training does): every step equals the reader's, in order."""
     from ffc_ray.data.stream import build_rank_dataset, iter_step_batches
 
     spec = StreamSpec(str(tiny_store), M, P, seed=5, augment=Augment(flip=True))
     num, per_task = 80, 20  # 20 steps x 2 views x 4 images x 768 bytes: 123 KB a block
-    got = list(iter_step_batches(spec, build_rank_dataset(spec, num, 0, steps_per_task=per_task)))
+    (it,) = build_rank_dataset(spec, num, 0, steps_per_task=per_task).streaming_split(1)
+    got = list(iter_step_batches(spec, it))
     ref = list(StoreDualReader(spec).iter_steps(0, num))
     assert len(got) == len(ref) == num
     for g, r in zip(got, ref, strict=True):
@@ -196,70 +196,6 @@ def test_object_store_blocks_from_the_reused_buffer_equal_the_reader(ray_session
 
 def _norm(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) - 127.5) / 128
-
-
-def test_read_tasks_reuse_one_image_buffer_per_process(ray_session, tiny_store, monkeypatch):
-    """A uint8 read task decodes into its process's image buffer, the same memory Ray task
-    after Ray task (no fresh pages to zero): the next task's block overwrites the last one's
-    memory, which is safe because Ray copies a block as it is handed over (here ``ray.put``:
-    the first block still reads back as the reader's pixels). The buffer grows for a bigger
-    block; a second block in the same Ray task, a block outside a Ray task and float32 blocks
-    (normalised in the task) get fresh arrays."""
-    from ffc_ray.data import stream
-
-    spec = StreamSpec(str(tiny_store), M, P, seed=3, augment=Augment(flip=True))
-    ref = list(StoreDualReader(spec).iter_steps(0, 3))
-    task = ["t1"]
-    monkeypatch.setattr(stream, "_current_task_id", lambda: task[0])
-    monkeypatch.setattr(stream, "_BLOCK_BUFFER", {})
-
-    def chunk(lo: int, hi: int, normalize: bool = False) -> tuple[object, dict]:
-        block = stream._read_chunk(spec, 0, lo, hi, normalize)[0]
-        return block, BlockAccessor.for_block(block).to_numpy()
-
-    block_a, a = chunk(0, 1)
-    ref_a = ray.put(block_a)  # what a task's hand-over does: the block copied out
-    a_x = a["x"].copy()
-    task[0] = "t2"
-    _, b = chunk(1, 2)
-    assert np.shares_memory(a["x"], b["x"])  # one buffer: the first block's memory, reused
-    assert not np.array_equal(a["x"], a_x)  # ... so in this process the first is overwritten
-    kept = BlockAccessor.for_block(ray.get(ref_a)).to_numpy()
-    np.testing.assert_array_equal(_norm(kept["x"][0]), ref[0].x.numpy())  # the copy is intact
-    np.testing.assert_array_equal(_norm(kept["y"][0]), ref[0].y.numpy())
-    np.testing.assert_array_equal(_norm(b["x"][0]), ref[1].x.numpy())
-    np.testing.assert_array_equal(_norm(b["y"][0]), ref[1].y.numpy())
-    _, again = chunk(0, 1)  # the same Ray task asks again: a fresh array
-    assert not np.shares_memory(again["x"], b["x"])
-    np.testing.assert_array_equal(_norm(again["x"][0]), ref[0].x.numpy())
-    np.testing.assert_array_equal(_norm(b["x"][0]), ref[1].x.numpy())  # b left alone
-    small = stream._BLOCK_BUFFER["buffer"]
-    task[0] = "t3"
-    _, c = chunk(0, 3)
-    assert stream._BLOCK_BUFFER["buffer"].size == 3 * small.size
-    assert np.shares_memory(c["y"], stream._BLOCK_BUFFER["buffer"])
-    for k, r in enumerate(ref):
-        np.testing.assert_array_equal(_norm(c["y"][k]), r.y.numpy())
-    task[0] = "t4"
-    _, f = chunk(0, 1, normalize=True)
-    assert not np.shares_memory(f["x"], stream._BLOCK_BUFFER["buffer"])
-    np.testing.assert_array_equal(f["x"][0], ref[0].x.numpy())
-    task[0] = None  # not in a Ray task (a driver, no Ray): never the buffer
-    _, d = chunk(0, 1)
-    assert not np.shares_memory(d["x"], stream._BLOCK_BUFFER["buffer"])
-
-
-def test_current_task_id_outside_and_inside_a_ray_task(ray_session):
-    from ffc_ray.data.stream import _current_task_id
-
-    assert _current_task_id() is None  # the driver
-
-    @ray.remote(num_cpus=0.25)
-    def inside() -> tuple:
-        return _current_task_id(), _current_task_id()
-
-    a, b = ray.get([inside.remote(), inside.remote()])
-    assert a[0] and a[0] == a[1] and b[0] and a[0] != b[0]
 
 
 def test_dual_stream_refuses_steps_out_of_order():
@@ -312,106 +248,6 @@ class _Blocks:
     def iter_batches(self, **kw):
         assert kw["batch_size"] is None
         return iter(self.blocks)
-
-
-class _FakeOp:
-    def __init__(self) -> None:
-        from types import SimpleNamespace
-
-        self.metrics = SimpleNamespace(
-            num_tasks_submitted=0, num_tasks_finished=0, num_task_outputs_generated=0
-        )
-
-
-class _FakeExecutor:
-    def __init__(self) -> None:
-        self.op = _FakeOp()
-        self._topology = {self.op: None}
-
-
-def test_quiet_scheduler_backs_off_only_while_nothing_moves(monkeypatch):
-    """Fake clock and executor: turns that move nothing forward are spaced by pauses of 1, 2,
-    4, ... ms up to 0.1 s; a turn where a task was submitted / finished or a block produced,
-    or one that waited the loop's full 0.1 s on running tasks, starts them over at 1 ms."""
-    from ffc_ray.data import stream as st
-
-    assert st.QuietScheduler is not None and st.SCHED_MIN_INTERVAL_S == pytest.approx(0.1)
-    assert st.SCHED_FIRST_SLEEP_S == pytest.approx(0.001)
-    clock = [10.0]
-    slept: list[float] = []
-
-    def sleep(s: float) -> None:
-        slept.append(round(s, 6))
-        clock[0] += s
-
-    monkeypatch.setattr(st.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(st.time, "sleep", sleep)
-    ex, cb = _FakeExecutor(), st.QuietScheduler()
-    cb.on_execution_step(ex)  # first turn: nothing to compare with
-    assert slept == []
-    for _ in range(9):  # spinning: no wait, no progress
-        cb.on_execution_step(ex)
-    assert slept == [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1, 0.1]
-    slept.clear()
-    clock[0] += 0.03  # a turn that took 30 ms and moved nothing: the rest of the 0.1 s
-    cb.on_execution_step(ex)
-    assert slept == [pytest.approx(0.07)]
-    slept.clear()
-    ex.op.metrics.num_task_outputs_generated += 1  # a block came out: no pause at all
-    cb.on_execution_step(ex)
-    assert slept == []
-    cb.on_execution_step(ex)  # then quick turns start over at 1 ms
-    cb.on_execution_step(ex)
-    assert slept == [0.001, 0.002]
-    ex.op.metrics.num_tasks_finished += 1
-    cb.on_execution_step(ex)
-    ex.op.metrics.num_tasks_submitted += 1
-    cb.on_execution_step(ex)
-    assert slept == [0.001, 0.002]
-    for _ in range(8):
-        cb.on_execution_step(ex)
-    assert slept[-1] == 0.1
-    slept.clear()
-    clock[0] += 0.105  # a turn that waited the full 0.1 s on a running task: not spinning
-    cb.on_execution_step(ex)
-    cb.on_execution_step(ex)
-    assert slept == [0.001]
-    # an executor that does not tell its progress: backed off all the same
-    cb2, blind = st.QuietScheduler(), object()
-    slept.clear()
-    for _ in range(4):
-        cb2.on_execution_step(blind)
-    assert st._progress(blind) is None and slept == [0.001, 0.002, 0.004]
-
-
-def test_stream_datasets_run_with_the_quiet_scheduler(ray_session, tiny_store, monkeypatch):
-    """The datasets carry the callback and Ray Data calls it on every turn of its loop (the
-    executor runs in the iterating process, here the test's), and this Ray's executor tells
-    its progress: the counters the callback watches exist and move (tasks submitted and
-    finished, blocks produced)."""
-    from ffc_ray.data import stream as st
-
-    turns, seen = [], []
-    monkeypatch.setattr(st, "SCHED_MIN_INTERVAL_S", 0.0)
-    orig = st.QuietScheduler.on_execution_step
-
-    def counted(self, executor):
-        turns.append(type(executor).__name__)
-        seen.append(st._progress(executor))
-        return orig(self, executor)
-
-    monkeypatch.setattr(st.QuietScheduler, "on_execution_step", counted)
-    spec = StreamSpec(str(tiny_store), M, P, seed=5, world_size=W, rank=0)
-    inst = st.build_rank_dataset(spec, 3, 0)
-    assert st.QuietScheduler in inst.context.custom_execution_callback_classes
-    st.quiet_scheduler(inst.context)  # idempotent
-    assert inst.context.custom_execution_callback_classes.count(st.QuietScheduler) == 1
-    assert len(list(inst.iter_batches(batch_size=None))) >= 1
-    assert turns and set(turns) == {"StreamingExecutor"}
-    assert None not in seen
-    read = seen[-1][-1]  # the read operator's (submitted, finished, blocks produced)
-    assert read[0] == read[1] >= 1 and read[2] >= 1
-    assert seen[0] != seen[-1]
 
 
 def test_consumer_normalisation_is_bit_equal_to_numpy():

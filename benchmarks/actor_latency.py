@@ -86,9 +86,9 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     from ffc_ray.pool.actor import create_pool_actor, kill_pool_actor
-    from ffc_ray.ray.start import LOCAL_SYSTEM_CONFIG
+    from ffc_ray.ray.start import start_ray
 
-    ray.init(num_cpus=2, configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
+    start_ray(num_cpus=2)
     actor = create_pool_actor("bench-latency", args.capacity)
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@
     short passes over the set, (b') and (c) stream the same ``--ray-epochs`` epochs of dual
     batches, so (c) / (b') isolates what Ray Data adds;
 (c) ray:    the Ray Data stream end to end as training uses it (``stream.build_rank_dataset``
-    -> ``iter_step_batches``: read tasks that decode + augment both views
+    -> ``streaming_split(1)`` -> ``iter_step_batches``: read tasks that decode + augment both views
     of a few steps, uint8 blocks of a row per step through the object store, normalised by
     the consumer), at the same parallelism as
     (b): one read/decode task at a time (``concurrency=1``), over ``--ray-epochs`` epochs of
@@ -361,7 +361,8 @@ def bench_ray(
     def run(num: int) -> int:
         kw = {"read_cpus": 1.0, "concurrency": concurrency, "normalize": normalize}
         n = 0
-        for b in iter_step_batches(spec, build_rank_dataset(spec, num, 0, **kw)):
+        (it,) = build_rank_dataset(spec, num, 0, **kw).streaming_split(1)  # as training does
+        for b in iter_step_batches(spec, it):
             n += len(b.x) + len(b.y)
         return n
 
@@ -532,15 +533,9 @@ def main() -> int:
         if not args.no_ray:
             import ray
 
-            from ffc_ray.ray.start import LOCAL_SYSTEM_CONFIG
+            from ffc_ray.ray.start import start_ray
 
-            ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                configure_logging=False,
-                log_to_driver=False,
-                _system_config=LOCAL_SYSTEM_CONFIG,
-            )
+            start_ray(num_cpus=2, log_to_driver=False)
             from ray.data import DataContext
 
             DataContext.get_current().enable_progress_bars = False

@@ -177,9 +177,9 @@ def main() -> None:
     store, pairs = prepare_data(lfw, args.image_size, Path(args.cache))
     for attempt in range(3):  # a raylet start can exceed Ray's 30 s on a busy machine
         try:
-            from ffc_ray.ray.start import LOCAL_SYSTEM_CONFIG
+            from ffc_ray.ray.start import start_ray
 
-            ray.init(num_cpus=2, configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
+            start_ray(num_cpus=2)
             break
         except Exception:  # noqa: BLE001
             if attempt == 2:

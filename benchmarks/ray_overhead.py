@@ -88,9 +88,9 @@ def main() -> None:
         from ffc_ray.ray.train import run_training
 
         t0 = time.perf_counter()
-        from ffc_ray.ray.start import LOCAL_SYSTEM_CONFIG
+        from ffc_ray.ray.start import start_ray
 
-        ray.init(num_cpus=2, configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
+        start_ray(num_cpus=2)
         t_init = time.perf_counter() - t0
         run = run_training(cfg, name="bench-overhead")
         t_ray = time.perf_counter() - t0

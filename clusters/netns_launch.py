@@ -134,7 +134,7 @@ def pinned_ray_version(pyproject: Path = REPO / "pyproject.toml") -> str:
 
 def sweep_available(repo: Path = REPO) -> bool:
     """True once ``ffc-ray sweep`` (issue 5) and the tiny synthetic sweep exist."""
-    return (repo / "ffc_ray" / "ray" / "sweep_cli.py").is_file() and (
+    return (repo / "ffc_ray" / "ray" / "sweep" / "cli.py").is_file() and (
         repo / "sweeps" / "demo.yaml"
     ).is_file()
 

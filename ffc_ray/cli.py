@@ -17,7 +17,7 @@ from ffc_ray.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("ffc_ray.data.cli", "import, inspect and verify face stores and verification sets"),
     "train": ("ffc_ray.ray.train_cli", "train one model on Ray Train (local Ray or a cluster)"),
-    "sweep": ("ffc_ray.ray.sweep_cli", "run a Ray Tune + Optuna sweep from a sweep YAML"),
+    "sweep": ("ffc_ray.ray.sweep.cli", "run a Ray Tune + Optuna sweep from a sweep YAML"),
     "eval": ("ffc_ray.eval.cli", "evaluate a checkpoint on verification pairs"),
     "bench": ("ffc_ray.bench", "run a benchmark script from benchmarks/"),
     "demo": ("ffc_ray.demo", "the embedded-default demo (synthetic data, small run)"),

@@ -1,7 +1,7 @@
 """`ffc-ray demo` (``make demo``): the embedded-default demo.
 
 Default: a Ray Tune + Optuna sweep of FFC trials on synthetic identities written into an LMDB
-store (:mod:`ffc_ray.ray.demo_sweep`): prints the results table, the best config and the
+store (:mod:`ffc_ray.ray.sweep.demo`): prints the results table, the best config and the
 TensorBoard command; about 5 minutes on 2 CPU cores.
 
 ``--single-process``: train FFC on the generated data set in one process, print verification
@@ -132,8 +132,8 @@ def run_sweep_demo(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from ffc_ray.ray.demo_sweep import run_demo
-    from ffc_ray.ray.sweep_cli import print_summary
+    from ffc_ray.ray.sweep.cli import print_summary
+    from ffc_ray.ray.sweep.demo import run_demo
 
     t0 = time.time()
     overrides: dict[str, Any] = {}

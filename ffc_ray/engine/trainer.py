@@ -4,10 +4,11 @@ FFC step (F2C, arXiv 2105.10375; official ``FFC.forward``, docs/reference.md 1.3
 
 1. G-Net <- EMA of P-Net (once per step);
 2. G-Net features of both views under ``no_grad`` (train-mode BN, as the official code), passed
-   through the ``gather`` hook (all-gather across workers; identity in one process);
-3. ONE ``plan`` call for the four label arrays (trial gallery y, trial probes x, commit gallery
-   x, commit probes y) -> :class:`~ffc_ray.pool.index.StepSlots` (a local ``PoolIndex`` here,
-   the pool actor in Ray);
+   through the ``gather`` hook (all-gather across workers, rank order; identity in one process);
+3. ONE ``plan`` call with this worker's four label arrays (trial gallery y, trial probes x,
+   commit gallery x, commit probes y) -> :class:`~ffc_ray.pool.index.StepSlots` for the
+   gathered galleries and this worker's probes (a local ``PoolIndex`` here; in Ray the pool
+   actor, whose planner gathers every rank's labels once per step);
 4. pass A (trial; skipped when ``head.symmetric`` is false): P(x) probes, write G(y) into the
    pool, loss, backward, restore the pool rows;
 5. pass B (commit): P(y) probes, write G(x) for good, loss, backward;
@@ -42,14 +43,12 @@ from ffc_ray.registry import HEADS
 
 log = logging.getLogger(__name__)
 
-GatherFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+GatherFn = Callable[[torch.Tensor], torch.Tensor]
 PlanFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], Any]  # -> StepSlots
 
 
-def _identity_gather(
-    features: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return features, labels
+def _identity_gather(features: torch.Tensor) -> torch.Tensor:
+    return features
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,9 +76,10 @@ def _labels_np(a: Any) -> np.ndarray:
 class Trainer:
     """P-Net (+ G-Net and pool for ffc), head, optimiser, schedule and AMP for one worker.
 
-    ``gather(features, labels)`` all-gathers gallery features and labels (default: identity);
-    ``plan(trial_gallery, trial_probe, commit_gallery, commit_probe) -> StepSlots`` gives the
-    pool slots (default: :func:`ffc_ray.pool.index.plan_step` on a local ``PoolIndex``);
+    ``gather(features)`` all-gathers gallery features in rank order (default: identity);
+    ``plan(trial_gallery, trial_probe, commit_gallery, commit_probe) -> StepSlots`` takes this
+    worker's labels and gives the slots of every rank's gallery and of this worker's probes
+    (default: :func:`ffc_ray.pool.index.plan_step` on a local ``PoolIndex``, one worker);
     ``ddp_wrap(module) -> module`` wraps the P-Net for data-parallel training.
     """
 
@@ -252,15 +252,11 @@ class Trainer:
             gy = upcast(self.gnet(y)) if symmetric else None
             gx = upcast(self.gnet(x))
         empty = np.empty(0, dtype=np.int64)
-        lx_t = torch.from_numpy(lx).to(self.device)
-        ly_t = torch.from_numpy(ly).to(self.device)
         if gy is not None:
-            gy, gly = self.gather(gy, ly_t)
-            trial_gallery, trial_probe = _labels_np(gly), lx
-        else:
-            trial_gallery, trial_probe = empty, empty
-        gx, glx = self.gather(gx, lx_t)
-        slots = self._plan_slots(trial_gallery, trial_probe, _labels_np(glx), ly)
+            gy = self.gather(gy)
+        gx = self.gather(gx)
+        trial = (ly, lx) if symmetric else (empty, empty)
+        slots = self._plan_slots(*trial, lx, ly)
 
         outs = []
         if symmetric:

@@ -3,11 +3,12 @@
 Every worker holds the whole pool (C x K x D) and must apply the same writes in the same order
 (F2C's pool update, docs/reference.md 1.4: "pool sharing = replication"). So:
 
-* :func:`all_gather_cat` gathers G-Net gallery features and labels of all ranks in rank order
-  (no gradient: the gallery side never back-propagates);
-* :class:`ActorPlanner` is the Trainer's ``plan`` hook: rank 0 sends the step's four label arrays
-  (gallery labels already gathered, probe labels gathered here) to the pool-index actor in one
-  call, and broadcasts the packed answer; every rank unpacks it and keeps its own probe slice.
+* :func:`gather_gallery` gathers G-Net gallery features of all ranks in rank order (no
+  gradient: the gallery side never back-propagates);
+* :class:`ActorPlanner` is the Trainer's ``plan`` hook: the step's labels of all ranks are
+  gathered once (:meth:`ActorPlanner.prefetch`), rank 0 sends the four label arrays to the
+  pool-index actor in one call and broadcasts the packed answer; every rank unpacks it and
+  keeps its own probe slice.
 
 A non-OK answer (the actor restarted and lost its index, or is out of step) is broadcast too, so
 all ranks raise :class:`PoolActorLost` together and Ray Train restarts the group from the last
@@ -75,11 +76,10 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
-def gather_gallery(
-    features: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Trainer's ``gather`` hook: all ranks' gallery features and labels, rank order."""
-    return all_gather_cat(features), all_gather_cat(labels)
+def gather_gallery(features: torch.Tensor) -> torch.Tensor:
+    """The Trainer's ``gather`` hook: all ranks' gallery features, rank order (their labels are
+    gathered once per step by :meth:`ActorPlanner.prefetch`)."""
+    return all_gather_cat(features)
 
 
 def broadcast_array(
@@ -153,14 +153,9 @@ class ActorPlanner:
     def _submit(
         self, tg: np.ndarray, tp: np.ndarray, cg: np.ndarray, cp: np.ndarray
     ) -> dict[str, Any]:
-        pending = {
-            "t0": time.perf_counter(),
-            "n": (len(tg), len(tp), len(cg), len(cp)),
-            "labels": (tg, tp, cg, cp),
-            "step": self.step,
-            "ref": self.actor.plan_packed.remote(self.step, pack_labels(tg, tp, cg, cp)),
-        }
-        return pending
+        """Rank 0: submit the actor call (answered while the step computes)."""
+        ref = self.actor.plan_packed.remote(self.step, pack_labels(tg, tp, cg, cp))
+        return {"t0": time.perf_counter(), "ref": ref}
 
     def _answer(self, pending: dict[str, Any]) -> np.ndarray:
         """Rank 0: wait for the answer; failures become a status so that every rank can raise."""
@@ -181,25 +176,31 @@ class ActorPlanner:
         return packed
 
     # ---- all ranks ---------------------------------------------------------------------------
-    def _gather_probes(self, tp: np.ndarray, cp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        tp = np.asarray(tp, np.int64)
-        cp = np.asarray(cp, np.int64)
+    def _gather(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every rank's copy of each local label array, rank order, in ONE all-gather."""
+        arrays = tuple(np.asarray(a, np.int64).reshape(-1) for a in arrays)
         if world()[1] == 1:
-            return tp, cp
-        both = all_gather_cat(torch.from_numpy(np.concatenate([tp, cp])).view(1, -1))
-        return both[:, : len(tp)].reshape(-1).numpy(), both[:, len(tp) :].reshape(-1).numpy()
+            return arrays
+        both = all_gather_cat(torch.from_numpy(np.concatenate(arrays)).view(1, -1))
+        cuts = np.cumsum([0, *(len(a) for a in arrays)])
+        return tuple(both[:, lo:hi].reshape(-1).numpy() for lo, hi in zip(cuts[:-1], cuts[1:]))
+
+    def _start(self, local: tuple, labels: tuple) -> None:
+        """Remember the step's local and gathered labels; rank 0 submits the call."""
+        self._pending = {"n": tuple(len(a) for a in labels), "step": self.step, "local": local}
+        if world()[0] == 0:
+            self._pending.update(self._submit(*labels))
 
     def prefetch(self, lx: np.ndarray, ly: np.ndarray) -> None:
-        """Before ``train_step`` on every rank: gather the step's labels, submit the call."""
-        lx_all, ly_all = self._gather_probes(lx, ly)
+        """Before ``train_step`` on every rank: gather the step's labels (the only label
+        all-gather of the step), submit the call."""
+        lx, ly = np.asarray(lx, np.int64), np.asarray(ly, np.int64)
+        lx_all, ly_all = self._gather(lx, ly)
+        empty = np.empty(0, np.int64)
         if self.symmetric:  # trial: gallery y, probes x; commit: gallery x, probes y
-            labels = (ly_all, lx_all, lx_all, ly_all)
+            self._start((ly, lx, lx, ly), (ly_all, lx_all, lx_all, ly_all))
         else:
-            empty = np.empty(0, np.int64)
-            labels = (empty, empty, lx_all, ly_all)
-        self._pending = {"n": tuple(len(a) for a in labels), "step": self.step}
-        if world()[0] == 0:
-            self._pending = self._submit(*labels)
+            self._start((empty, empty, lx, ly), (empty, empty, lx_all, ly_all))
 
     def __call__(
         self,
@@ -208,45 +209,31 @@ class ActorPlanner:
         commit_gallery: np.ndarray,
         commit_probe: np.ndarray,
     ) -> StepSlots:
+        """The Trainer's ``plan`` hook: this rank's four label arrays -> slots of every rank's
+        galleries and of this rank's probes."""
         rank, size = world()
-        n_tp, n_cp = len(trial_probe), len(commit_probe)
+        local = tuple(
+            np.asarray(a, np.int64)
+            for a in (trial_gallery, trial_probe, commit_gallery, commit_probe)
+        )
+        if self._pending is None:  # not prefetched: gather and call now
+            self._start(local, self._gather(*local))
         pending, self._pending = self._pending, None
-        if pending is not None and pending["step"] != self.step:
+        if pending["step"] != self.step:
             raise RuntimeError(
                 f"ActorPlanner: prefetched step {pending['step']}, asked for {self.step}"
             )
-        if pending is None:  # not prefetched: gather the probes and call now
-            tp_all, cp_all = self._gather_probes(trial_probe, commit_probe)
-            labels = (
-                np.asarray(trial_gallery, np.int64),
-                tp_all,
-                np.asarray(commit_gallery, np.int64),
-                cp_all,
-            )
-            pending = {"n": tuple(len(a) for a in labels), "step": self.step}
-            if rank == 0:
-                pending = self._submit(*labels)
+        if not all(np.array_equal(a, b) for a, b in zip(local, pending["local"])):
+            raise RuntimeError("ActorPlanner: the prefetched labels differ from the step's")
         n = pending["n"]
-        if (n[0], n[2]) != (len(trial_gallery), len(commit_gallery)) or (n[1], n[3]) != (
-            size * n_tp,
-            size * n_cp,
-        ):
+        if n != tuple(size * len(a) for a in local):
             raise RuntimeError(
                 f"ActorPlanner: label counts {n} do not match the step's "
-                f"{(len(trial_gallery), n_tp, len(commit_gallery), n_cp)} x "
-                f"{size} ranks (equal batches per rank are required)"
+                f"{tuple(len(a) for a in local)} x {size} ranks (equal batches per rank "
+                "are required)"
             )
-        packed = None
-        if rank == 0:
-            tg, tp, cg, cp = pending["labels"]
-            if not (
-                np.array_equal(tg, trial_gallery)
-                and np.array_equal(cg, commit_gallery)
-                and np.array_equal(tp[:n_tp], trial_probe)
-                and np.array_equal(cp[:n_cp], commit_probe)
-            ):
-                raise RuntimeError("ActorPlanner: the prefetched labels differ from the step's")
-            packed = self._answer(pending)
+        n_tp, n_cp = len(local[1]), len(local[3])
+        packed = self._answer(pending) if rank == 0 else None
         packed = broadcast_array(packed, packed_length(*n))
         status, actor_step, plan_us, slots = unpack_slots(packed)
         self.last_actor_ms = plan_us / 1e3

@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 #: starts in 4 minutes of two LFW trainings on 2 CPUs, 0.45 -> 0.60 steps/s with this setting).
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
 
+#: glibc malloc settings for the job's Ray worker processes (its runtime environment, so the
+#: raylet, the driver and other jobs are untouched; a variable already set in the environment
+#: wins). A training step allocates its batch and activations afresh and frees them; glibc's
+#: defaults hand such blocks back to the kernel, and every step then pays for fresh zeroed pages.
+#: Blocks up to 32 MiB come from the heap and up to 1 GiB of free heap is kept. Measured with
+#: benchmarks/ray_overhead.py (synthetic, 32 px, 64 images per step): the Ray Train worker's CPU
+#: per step 66.1 ms without these, 45.7 ms with them, against 38.9 / 40.9 ms for the plain loop.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
 DASHBOARD_HOST = "127.0.0.1"
 
 
@@ -58,6 +67,7 @@ def start_ray(
     if ray.is_initialized():
         return
     env = {"RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+    env.update({k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()})
     env.update(env_vars or {})
     if address:
         if address != "auto" and "://" not in address:

@@ -36,7 +36,7 @@ def test_demo_data_is_a_store_and_pairs_made_once(tmp_path):
     from ffc_ray.data.pairs import load_pairs
     from ffc_ray.data.store import open_store
     from ffc_ray.data.synthetic import make_identities
-    from ffc_ray.ray.demo_sweep import demo_data
+    from ffc_ray.ray.sweep.demo import demo_data
 
     cfg = Config().with_overrides(SMALL)
     store, pairs = demo_data(cfg, tmp_path)

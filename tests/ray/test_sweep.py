@@ -303,7 +303,7 @@ def test_killed_sweep_resumes_without_rerunning_completed_trials(ray_session, tm
 
 @pytest.mark.timeout(600)
 def test_multi_objective_sweep_reports_the_pareto_front(ray_session, tmp_path):
-    from ffc_ray.ray.sweep_spec import Objective
+    from ffc_ray.ray.sweep.spec import Objective
 
     address = ray_session.get_runtime_context().gcs_address
     objectives = (Objective("accuracy", "max"), Objective("head_memory_mb", "min"))

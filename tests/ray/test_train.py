@@ -265,7 +265,7 @@ def _count_head_allreduce_loop(config: dict) -> None:
 
     from ffc_ray.config import Config
     from ffc_ray.data.source import WorkerData
-    from ffc_ray.ray.train import build_worker_trainer
+    from ffc_ray.ray.worker import build_worker_trainer
 
     cfg = Config.from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -309,6 +309,73 @@ def test_two_worker_fc_step_all_reduces_head_gradients_once(ray_session, tmp_pat
         assert calls == [[64, 32]], calls  # the FC weight, once
     g0, g1 = (torch.load(tmp_path / f"grads{r}.pt")["grads"] for r in range(2))
     assert torch.equal(g0[0], g0[1]) and torch.equal(g0[0], g1[0])  # replicated after the average
+
+
+def _count_label_gathers_loop(config: dict) -> None:
+    """Two-worker FFC step (prefetch + train_step, as the worker loop runs it), recording the
+    shape of every Python all-gather."""
+    import ray.train
+    import torch.distributed as dist
+
+    from ffc_ray.config import Config
+    from ffc_ray.data.source import WorkerData
+    from ffc_ray.ray.worker import build_worker_trainer
+
+    cfg = Config.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    data = WorkerData(cfg, rank, world)
+    actor = config["actor"]
+    if rank == 0:
+        ray.get(actor.reset.remote())
+    dist.barrier()
+    trainer, planner = build_worker_trainer(cfg, data, world, actor, torch.device("cpu"))
+    calls, real = [], dist.all_gather
+
+    def counting(parts, t, *a, **k):
+        calls.append([str(t.dtype), *t.shape])
+        return real(parts, t, *a, **k)
+
+    x, lx, y, ly = data.batch(0)
+    dist.all_gather = counting
+    try:
+        planner.prefetch(lx, ly)
+        trainer.train_step(x, lx, y, ly)
+    finally:
+        dist.all_gather = real
+    (Path(config["out"]) / f"gathers{rank}.json").write_text(json.dumps(calls))
+
+
+def test_two_worker_ffc_step_gathers_labels_once(ray_session, tmp_path: Path) -> None:
+    """One label all-gather per step: the planner gathers both views' labels of every rank in
+    one call; the Trainer's gather hook then moves the two G-Net galleries only (it also
+    gathered each gallery's labels, twice more per step, before)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ffc_ray.pool.actor import create_pool_actor, kill_pool_actor
+
+    cfg = small_cfg(tmp_path, **{"ray.num_workers": 2})
+    capacity = cfg.pool_capacity(WorkerData(cfg, 0, 2).num_classes)
+    actor = create_pool_actor("t-gathers", capacity, cfg.pool.policy)
+    try:
+        trainer = TorchTrainer(
+            _count_label_gathers_loop,
+            train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path), "actor": actor},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="ffc-gathers"),
+        )
+        assert trainer.fit().error is None
+    finally:
+        kill_pool_actor(actor)
+    n, d = cfg.data.view_batch, cfg.model.embedding_dim
+    for rank in range(2):
+        calls = json.loads((tmp_path / f"gathers{rank}.json").read_text())
+        assert calls == [
+            ["torch.int64", 1, 2 * n],  # lx and ly of this rank, once
+            ["torch.float32", n, d],  # G(y), the trial gallery
+            ["torch.float32", n, d],  # G(x), the commit gallery
+        ], calls
 
 
 def test_partial_fc_refuses_several_workers(tmp_path: Path) -> None:

@@ -459,8 +459,8 @@ def test_run_files_push_sends_only_what_changed(tmp_path, monkeypatch):
 def test_sweep_locations_and_optuna_copy(tmp_path):
     import sqlite3
 
-    from ffc_ray.ray import sweep as sw
-    from ffc_ray.ray.sweep_results import OPTUNA_FILE, RESULTS_CSV
+    from ffc_ray.ray.sweep import experiment as sw
+    from ffc_ray.ray.sweep.results import OPTUNA_FILE, RESULTS_CSV
 
     assert sw.experiment_uri(_Spec(), "s3://b/sweeps") == "s3://b/sweeps/demo"
     assert sw.experiment_uri(_Spec(), str(tmp_path)) is None

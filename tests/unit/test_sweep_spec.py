@@ -1,6 +1,6 @@
 """Sweep files -> Optuna distributions, every invalid-sweep error, and the pure result helpers.
 
-No Ray here: :mod:`ffc_ray.ray.sweep_spec` and :mod:`ffc_ray.ray.sweep_results` are pure.
+No Ray here: :mod:`ffc_ray.ray.sweep.spec` and :mod:`ffc_ray.ray.sweep.results` are pure.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from ffc_ray.config import Config, ConfigError, load_config
-from ffc_ray.ray.sweep_results import (
+from ffc_ray.ray.sweep.results import (
     STATUS_COMPLETED,
     STATUS_ERROR,
     STATUS_STOPPED,
@@ -31,7 +31,7 @@ from ffc_ray.ray.sweep_results import (
     write_config,
     write_table,
 )
-from ffc_ray.ray.sweep_spec import (
+from ffc_ray.ray.sweep.spec import (
     REPORTED_METRICS,
     Objective,
     evaluation_steps,
@@ -610,7 +610,7 @@ def test_all_search_kinds_reach_optuna_and_back():
 )
 def test_in_space_follows_range_step_and_choices(param, inside, outside):
     """points_to_evaluate membership, by hand (Optuna has no public membership test)."""
-    from ffc_ray.ray.sweep_spec import Param, _in_space
+    from ffc_ray.ray.sweep.spec import Param, _in_space
 
     p = Param("head.margin", **param)
     assert all(_in_space(p, v) for v in inside), inside

@@ -100,11 +100,11 @@ def run_demo(
     overrides: dict[str, Any] | None = None,
     quiet: bool = True,
 ) -> tuple[Any, float]:
-    """Data, then the sweep on it; returns the :class:`~ffc_ray.ray.sweep.SweepOutcome` and the
-    seconds spent on data. ``quiet``: only the sweep's own progress lines (no Tune tables, no
-    worker output)."""
-    from ffc_ray.ray.sweep import run_sweep
-    from ffc_ray.ray.sweep_spec import load_sweep
+    """Data, then the sweep on it; returns the
+    :class:`~ffc_ray.ray.sweep.outputs.SweepOutcome` and the seconds spent on data.
+    ``quiet``: only the sweep's own progress lines (no Tune tables, no worker output)."""
+    from ffc_ray.ray.sweep.run import run_sweep
+    from ffc_ray.ray.sweep.spec import load_sweep
 
     t0 = time.time()
     workdir = Path(workdir).expanduser().resolve()

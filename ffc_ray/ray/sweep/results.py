@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from ffc_ray.config import Config
-from ffc_ray.ray.sweep_spec import (
+from ffc_ray.ray.sweep.spec import (
     REPORTED_METRICS,
     VERIFICATION_METRICS,
     Objective,
@@ -71,7 +71,7 @@ def tune_metrics(
     ranks by); ``head_memory_mb`` and the speed metrics from the report, else from ``static``
     (head memory computed by the driver) and ``speed`` (means over the steps since the previous
     report). Missing values are NaN, never dropped silently; the sweep's objectives are checked
-    present before the sweep starts (:func:`ffc_ray.ray.sweep_spec.check_reported`).
+    present before the sweep starts (:func:`ffc_ray.ray.sweep.spec.check_reported`).
     """
     out = dict(reported)
     sets = [k[: -len("/accuracy")] for k in reported if k.endswith("/accuracy")]

@@ -75,8 +75,8 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 
 def print_summary(outcome: Any, spec: Any) -> None:
     """The table, best config, Pareto front and TensorBoard / Optuna commands."""
-    from ffc_ray.ray.sweep_results import TABLE_METRICS, markdown_table
-    from ffc_ray.ray.sweep_spec import objectives_of
+    from ffc_ray.ray.sweep.results import TABLE_METRICS, markdown_table
+    from ffc_ray.ray.sweep.spec import objectives_of
 
     objs = objectives_of(spec)
     cols = ["trial", "status", *[p.key for p in spec.params]]
@@ -125,8 +125,8 @@ def _fmt(v: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ffc_ray.ray.sweep import run_sweep
-    from ffc_ray.ray.sweep_spec import load_sweep
+    from ffc_ray.ray.sweep.run import run_sweep
+    from ffc_ray.ray.sweep.spec import load_sweep
 
     spec = load_sweep(args.sweep, root=Path.cwd(), overrides=_overrides(args.overrides))
     outcome = run_sweep(

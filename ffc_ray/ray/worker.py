@@ -1,0 +1,467 @@
+"""The Ray Train worker: what every training process runs (:func:`train_loop_per_worker`).
+
+Every worker:
+
+1. builds its data deterministically from (seed, epoch, data shard) and a
+   :class:`~ffc_ray.engine.trainer.Trainer` whose hooks are distributed: DDP over the P-Net,
+   the gallery all-gather and the actor planner (one actor round trip per step from rank 0,
+   slots broadcast; :mod:`ffc_ray.ray.dist`);
+2. restores the latest checkpoint when there is one (Ray Train hands it over after a worker
+   failure or when the same run name is started again): trainer state, RNG states, step, and,
+   through rank 0, the actor's index (``load_state``), so pool buffers and index agree again;
+3. trains, evaluates on rank 0 every ``train.eval_interval`` steps and at the end, and reports
+   metrics with a checkpoint every ``train.checkpoint_interval`` steps and at the end
+   (``ray.train.report`` from all ranks; rank 0 writes the files).
+
+A pool actor that restarts (and so lost its index) or that cannot be reached makes every rank
+raise :class:`~ffc_ray.ray.dist.PoolActorLost`; Ray Train (``FailureConfig``) then restarts the
+group from the last checkpoint, which reloads the actor. Nothing reported as checkpointed is
+lost, and the continued run matches an uninterrupted one because the data order depends only on
+(seed, epoch, shard) and the position, which the step determines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ffc_ray.config import Config, ConfigError
+from ffc_ray.data.source import WorkerData
+from ffc_ray.engine.checkpoint import (
+    META_FILE,
+    load_checkpoint_state,
+    model_checksum,
+    pool_checksum,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from ffc_ray.engine.trainer import Trainer
+from ffc_ray.eval.sets import SCORE_KEY, evaluate_sets, load_eval_sets
+from ffc_ray.ray import dist as rdist
+from ffc_ray.ray.run_dir import (
+    pull_progress,
+    push_run_dir,
+    staging_dir,
+)
+from ffc_ray.ray.tb import RunLogger, flat_hparams, process_memory_mb, read_progress
+
+log = logging.getLogger(__name__)
+
+#: score of a checkpoint saved without an evaluation: below any accuracy, and finite (Ray's
+#: checkpoint-manager snapshot stores NaN as null, which breaks the ranking on resume)
+NOT_EVALUATED = -1.0
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation (rank 0)
+
+
+def log_eval_figures(logger: RunLogger, step: int, full: dict[str, dict[str, Any]]) -> None:
+    """ROC curve and same / different similarity histogram per set, as TensorBoard images."""
+    from ffc_ray.eval.figures import histogram_image, roc_image
+
+    for name, res in full.items():
+        logger.image(step, f"eval/{name}/roc", roc_image(res))
+        logger.image(step, f"eval/{name}/histogram", histogram_image(res))
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    _, size = rdist.world()
+    if size == 1:
+        return [obj]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the worker
+
+
+def _worker_device(cfg: Config) -> torch.device:
+    if cfg.ray.use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    if cfg.train.device not in ("auto", "cpu"):
+        raise ConfigError(f"config field 'train.device': {cfg.train.device!r} needs ray.use_gpu")
+    return torch.device("cpu")
+
+
+def _ddp_wrap(module: torch.nn.Module) -> torch.nn.Module:
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(module, move_to_device=False)
+
+
+class ShardedForward(torch.nn.Module):
+    """Forward a batch made of ``n`` equal logical-shard blocks one block at a time.
+
+    Data-parallel emulation: BatchNorm then normalises each block with its own statistics,
+    exactly as ``n`` separate workers (per-GPU BN, no SyncBN) would. Used only when one worker
+    holds several logical data shards (tests and equivalence checks); parameters are shared with
+    the wrapped module, its ``state_dict`` is untouched.
+    """
+
+    def __init__(self, module: torch.nn.Module, n: int) -> None:
+        super().__init__()
+        self.module = module
+        self.n = int(n)
+
+    def chunked(self, fn: Any) -> Any:
+        n = self.n
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if len(x) % n:
+                raise ValueError(f"ShardedForward: batch {len(x)} is not {n} equal shards")
+            return torch.cat([fn(c) for c in x.chunk(n)])
+
+        return forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chunked(self.module)(x)
+
+
+def _mean_over_ranks(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """Average the per-rank loss terms (each rank's loss is a mean over its own probes)."""
+    _, size = rdist.world()
+    present = [k for k in keys if k in values]
+    if size == 1 or not present:
+        return values
+    t = torch.tensor([float(values[k]) for k in present], dtype=torch.float64)
+    t = t.to(rdist.comm_device())  # nccl reduces CUDA tensors only
+    dist.all_reduce(t)
+    out = dict(values)
+    for k, v in zip(present, (t / size).cpu().tolist()):
+        out[k] = v
+    return out
+
+
+def build_worker_trainer(
+    cfg: Config, data: WorkerData, world: int, actor: Any, device: torch.device
+) -> tuple[Trainer, rdist.ActorPlanner | None]:
+    """This worker's :class:`Trainer` with its distributed hooks: DDP over the P-Net, the
+    gallery all-gather and the pool actor's planner (ffc). The Trainer averages replicated
+    head gradients itself (one all-reduce per head parameter and step). A worker holding
+    several logical data shards forwards each shard's block alone (BatchNorm per block, as
+    separate workers): the data-parallel emulation of the equivalence tests (ffc only)."""
+    is_ffc = cfg.head.type == "ffc"
+    if is_ffc and actor is None:
+        raise RuntimeError("train_loop_per_worker: the ffc head needs the pool actor handle")
+    if world > 1 and cfg.head.type == "partial_fc":
+        raise ConfigError(
+            "config field 'head.type': partial_fc keeps per-worker sampled rows "
+            "that diverge across workers; run it with ray.num_workers: 1"
+        )
+    ghost = len(data.shard_ids)  # logical shards on this worker (> 1: data-parallel emulation)
+    if ghost > 1 and not is_ffc:
+        raise ConfigError("data shards > workers (data-parallel emulation) is for the ffc head")
+    planner = None
+    if is_ffc:
+        planner = rdist.ActorPlanner(actor, symmetric=cfg.head.symmetric)
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if ghost > 1:
+            module = ShardedForward(module, ghost)
+        return _ddp_wrap(module) if world > 1 else module
+
+    trainer = Trainer(
+        cfg,
+        data.num_classes,
+        device,
+        gather=rdist.gather_gallery if world > 1 else None,
+        plan=planner,
+        ddp_wrap=wrap if (world > 1 or ghost > 1) else None,
+    )
+    if ghost > 1 and trainer.gnet is not None:
+        trainer.gnet.forward = ShardedForward(trainer.gnet, ghost).chunked(trainer.gnet.forward)
+    return trainer, planner
+
+
+def _restore(
+    trainer: Trainer, planner: Any, data: WorkerData, actor: Any, rank: int
+) -> dict[str, Any]:
+    """Load Ray Train's latest checkpoint into the trainer (and, rank 0, the actor's index);
+    a fresh run resets the actor. Returns what the ``restore`` event records ({} when fresh)."""
+    import ray
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    info: dict[str, Any] = {}
+    if ckpt is None:
+        if trainer.is_ffc and rank == 0:
+            ray.get(actor.reset.remote())
+    else:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint_state(d)
+            meta = json.loads((Path(d) / META_FILE).read_text())
+        trainer.load_state_dict(state["trainer"])
+        rngs = state.get("rng") or []
+        if rank < len(rngs) and rngs[rank] is not None:
+            set_rng_state(rngs[rank])
+        if state.get("num_shards") not in (None, data.num_shards):
+            log.warning(
+                "resuming with %d data shards, checkpoint had %s: the data order changes",
+                data.num_shards,
+                state.get("num_shards"),
+            )
+        info = {
+            "from_step": int(state["step"]),
+            "ckpt_pool_checksum": meta.get("pool_checksum"),
+            "ckpt_index_checksum": meta.get("index_checksum"),
+            "path": str(ckpt.path),
+        }
+        if trainer.is_ffc and rank == 0:
+            loaded = ray.get(actor.load_state.remote(state["index"], int(state["step"])))
+            if meta.get("index_checksum") not in (None, loaded):
+                raise RuntimeError(
+                    f"{ckpt.path}: the pool actor's index after load_state "
+                    "differs from the checkpoint's (checksum mismatch)"
+                )
+            info["index_checksum"] = loaded
+    if planner is not None:
+        planner.step = trainer.step
+    return info
+
+
+def _start_logger(
+    cfg: Config, run_dir: Path, trainer: Trainer, rank: int, world: int, restored: dict
+) -> RunLogger:
+    """The run's logger (active on rank 0), with the ``restore`` and ``start`` events."""
+    start = trainer.step
+    pool_sums = rdist.all_gather_strings(pool_checksum(trainer) or "")
+    attempt = sum(e["event"] == "start" for e in read_progress(run_dir)[1]) if rank == 0 else 0
+    logger = RunLogger(
+        run_dir,
+        start_step=start,
+        enabled=rank == 0,
+        log_interval=cfg.train.log_interval,
+        attempt=attempt,
+    )
+    if rank == 0:
+        if restored:
+            log.info("restored step %d from %s", start, restored.pop("path"))
+            logger.event("restore", **restored, pool_checksums=pool_sums)
+        logger.event("start", step=start, world=world, pid=os.getpid())
+    rdist.barrier()
+    return logger
+
+
+def _evaluate(trainer: Trainer, vsets: list, cfg: Config, logger: RunLogger) -> dict[str, float]:
+    """Rank 0: evaluate every eval set at the trainer's step, log scalars, figures, event."""
+    step = trainer.step
+    scores, full = evaluate_sets(trainer, vsets, cfg)
+    logger.scalars(step, {k: v for k, v in scores.items() if k != SCORE_KEY}, "eval")
+    log_eval_figures(logger, step, full)
+    logger.event("eval", step=step, **scores)
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in scores.items() if k.endswith(("accuracy", "auc")))
+    log.info("eval at step %d: %s", step, shown)
+    return scores
+
+
+def _step_metrics(
+    metrics: dict[str, Any], planner: Any, world: int, device: torch.device
+) -> dict[str, Any]:
+    """A step's metrics for the log: losses averaged over ranks, actor timings, throughput of
+    the whole group, memory."""
+    metrics = _mean_over_ranks(metrics, ("loss", "loss_pos", "loss_neg", "pos_fraction"))
+    if planner is not None:
+        metrics["actor_latency_ms"] = planner.last_latency_ms
+        metrics["actor_wait_ms"] = planner.last_wait_ms
+        metrics["actor_compute_ms"] = planner.last_actor_ms
+    metrics["images_per_s"] = metrics.get("images_per_s", 0.0) * world
+    metrics["memory_mb"] = process_memory_mb()
+    if device.type == "cuda":
+        metrics["cuda_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return metrics
+
+
+def _setup_worker(loop_config: dict[str, Any]) -> tuple:
+    """(cfg, test knobs, run folder, run URI, actor, rank, world, device) of this worker, its
+    RNGs seeded per rank and its pid recorded."""
+    import ray.train
+
+    cfg = Config.from_dict(loop_config["config"])
+    extra: dict[str, Any] = dict(loop_config.get("extra") or {})
+    run_dir = Path(loop_config["run_dir"])
+    run_uri: str | None = loop_config.get("run_uri")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if run_uri:  # remote run folder: files are written to this node's staging, then uploaded
+        run_dir = staging_dir(run_dir, run_uri)
+        if rank == 0:
+            pull_progress(run_dir, run_uri)
+    seed = cfg.train.seed * 1009 + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    if rank == 0 or extra.get("pid_files"):
+        (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+        (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    actor = loop_config.get("actor")
+    return cfg, extra, run_dir, run_uri, actor, rank, world, _worker_device(cfg)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train entry point; ``loop_config`` holds the resolved config dict, run folder, actor."""
+    import ray.train
+
+    cfg, extra, run_dir, run_uri, actor, rank, world, device = _setup_worker(loop_config)
+    data = WorkerData(cfg, rank, world, extra.get("data_shards"))
+    trainer, planner = build_worker_trainer(cfg, data, world, actor, device)
+    logger = _start_logger(
+        cfg, run_dir, trainer, rank, world, _restore(trainer, planner, data, actor, rank)
+    )
+    vsets = load_eval_sets(cfg) if rank == 0 else []
+    if trainer.step == 0 and vsets:  # the untrained baseline, for the curves
+        _evaluate(trainer, vsets, cfg, logger)
+    steps, last_eval = cfg.train.steps, {}
+    summary: dict[str, Any] = {"start_step": trainer.step}
+    stop_after, step_sleep = extra.get("stop_after_step"), float(extra.get("step_sleep_s", 0.0))
+
+    batches = data.iter_batches(trainer.step, steps, device)
+    for x, lx, y, ly in batches:
+        if planner is not None:
+            planner.step = trainer.step
+            planner.prefetch(lx, ly)  # the round trip overlaps the EMA and G-Net forward
+        metrics = trainer.train_step(x, lx, y, ly)
+        done = trainer.step
+        logger.step(
+            done, _step_metrics(metrics, planner, world, device), {"cpu_s": time.process_time()}
+        )
+        if step_sleep:  # tests: a slow step, to kill a worker mid-run
+            time.sleep(step_sleep)
+
+        final = done == steps
+        stop_now = stop_after is not None and done >= int(stop_after)
+        want_eval = final or done % cfg.train.eval_interval == 0
+        want_ckpt = final or stop_now or done % cfg.train.checkpoint_interval == 0
+        if want_eval or want_ckpt:
+            if want_eval and rank == 0:
+                last_eval = _evaluate(trainer, vsets, cfg, logger)
+            report = {
+                "step": done,
+                "epoch": data.position(done)[0],
+                **{k: metrics[k] for k in ("loss", "loss_pos", "loss_neg", "lr") if k in metrics},
+                **(last_eval if want_eval else {}),
+            }
+            report.setdefault(SCORE_KEY, NOT_EVALUATED)
+            if want_ckpt:
+                _report_with_checkpoint(report, trainer, cfg, actor, data, rank, logger)
+                if run_uri and rank == 0:
+                    push_run_dir(run_dir, run_uri)
+            else:
+                ray.train.report(report)
+            logger.flush()
+        if stop_now and not final:
+            log.info("stopping after step %d (stop_after_step)", done)
+            summary["stopped_at"] = done
+            break
+
+    batches.close()  # a stop_after_step break: end the Ray Data streams' read-ahead now
+    return _finish(cfg, trainer, data, logger, last_eval, summary, run_dir, run_uri, rank, world)
+
+
+def _finish(
+    cfg: Config,
+    trainer: Trainer,
+    data: WorkerData,
+    logger: RunLogger,
+    last_eval: dict[str, float],
+    summary: dict[str, Any],
+    run_dir: Path,
+    run_uri: str | None,
+    rank: int,
+    world: int,
+) -> dict[str, Any] | None:
+    """The end of training: checksums from every rank, the ``end`` event and hparams, the
+    last upload; rank 0 returns the run's summary."""
+    pool_sums = rdist.all_gather_strings(pool_checksum(trainer) or "")
+    summary["model_checksums"] = rdist.all_gather_strings(model_checksum(trainer))
+    summary.update(
+        final_step=trainer.step,
+        pool_checksums=pool_sums,
+        world=world,
+        torch_threads=torch.get_num_threads(),
+        num_classes=data.num_classes,
+        head_memory_bytes=int(trainer.head.memory_bytes()),
+    )
+    if rank != 0:
+        return None
+    logger.event("end", step=trainer.step, pool_checksums=pool_sums)
+    if trainer.step == cfg.train.steps:
+        logger.hparams(
+            flat_hparams(cfg.to_dict()),
+            {k: v for k, v in last_eval.items() if "/" in k} or {"loss": 0.0},
+        )
+    logger.close()
+    if run_uri:
+        push_run_dir(run_dir, run_uri)
+    return summary
+
+
+def _report_with_checkpoint(
+    report: dict[str, Any],
+    trainer: Any,
+    cfg: Config,
+    actor: Any,
+    data: WorkerData,
+    rank: int,
+    logger: RunLogger,
+) -> None:
+    """All ranks call ``ray.train.report``; rank 0 attaches the checkpoint folder."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    rngs = _gather_objects(rng_state())
+    epoch, position = data.position(trainer.step)
+    with tempfile.TemporaryDirectory(prefix="ffc-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            index_state, index_sum = None, None
+            if trainer.is_ffc:
+                index_state, actor_step = ray.get(actor.get_state.remote())
+                if actor_step != trainer.step:
+                    raise rdist.PoolActorLost(
+                        f"pool actor is at step {actor_step} while saving step {trainer.step}"
+                    )
+                from ffc_ray.pool.actor import index_checksum
+
+                index_sum = index_checksum(index_state)
+            meta = write_checkpoint(
+                Path(tmp),
+                trainer=trainer,
+                cfg=cfg,
+                index_state=index_state,
+                index_sum=index_sum,
+                rng=rngs,
+                epoch=epoch,
+                position=position,
+                metrics=report,
+                num_shards=data.num_shards,
+            )
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(report, checkpoint=checkpoint)
+        if rank == 0:  # persisted now (Ray registers it with the run right after)
+            logger.event(
+                "checkpoint",
+                step=trainer.step,
+                pool_checksum=meta["pool_checksum"],
+                index_checksum=index_sum,
+            )

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from ffc_ray import registry
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending dotted field."""
@@ -264,20 +266,14 @@ class Config:
 # validation
 
 
+#: fields whose allowed values are the names of a registry (known without importing torch)
+_REGISTRY_FIELDS = {
+    "head.type": registry.HEADS,
+    "head.margin_type": registry.MARGINS,
+    "model.backbone": registry.BACKBONES,
+}
+
 _CHOICES = {
-    "head.type": ("ffc", "fc", "partial_fc", "triplet"),
-    "head.margin_type": (
-        "arcface",
-        "cosface",
-        "am",
-        "sphereface",
-        "combined",
-        "curricularface",
-        "magface",
-        "lsoftmax",
-        "adaptiveface",
-        "softmax",
-    ),
     "head.k_mode": ("ring", "mean"),
     "head.neg_loss": ("topk", "mean_cos"),
     "pool.policy": ("lru", "fifo"),
@@ -290,7 +286,8 @@ _CHOICES = {
 
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` naming the first bad field."""
-    for key, allowed in _CHOICES.items():
+    choices = {key: reg.names() for key, reg in _REGISTRY_FIELDS.items()}
+    for key, allowed in {**choices, **_CHOICES}.items():
         value = cfg.get(key)
         if value not in allowed:
             raise _err(key, f"{value!r} is not one of {', '.join(allowed)}")
@@ -366,6 +363,12 @@ def validate(cfg: Config) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise _err(key, msg)
+    if h.type == "partial_fc" and r.num_workers > 1:
+        raise _err(
+            "ray.num_workers",
+            "partial_fc runs on one worker (its per-worker sampled rows would diverge); "
+            "set ray.num_workers: 1",
+        )
     if h.margin_type in ("lsoftmax", "adaptiveface") and h.type != "fc":
         raise _err(
             "head.margin_type", f"{h.margin_type} needs learned class weights: head.type fc only"
@@ -378,11 +381,10 @@ def validate(cfg: Config) -> None:
     _check_location("data.source", d.source)
     for i, spec in enumerate(e.pairs):
         _check_location(f"eval.pairs[{i}]", spec)
-    if d.source == "synthetic":
-        total = d.num_identities
-        if d.identity_batch > total:
-            raise _err("data.identity_batch", f"{d.identity_batch} exceeds the {total} identities")
-        cfg.check_pool_fits(total)
+    if d.source == "synthetic" and d.identity_batch > d.num_identities:
+        raise _err(
+            "data.identity_batch", f"{d.identity_batch} exceeds the {d.num_identities} identities"
+        )
 
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://(.*)$")

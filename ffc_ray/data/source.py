@@ -216,7 +216,7 @@ def replay_pool_index(cfg: Config, steps: int, world: int | None = None) -> Any:
 
     world = int(world or max(1, cfg.ray.num_workers))
     data = WorkerData(cfg, 0, 1, shards=world)  # all shards in one place = gather order
-    index = PoolIndex(cfg.check_pool_fits(data.num_classes), cfg.pool.policy)
+    index = PoolIndex(cfg.pool_capacity(data.num_classes), cfg.pool.policy)
     for step in range(steps):
         lx, ly = data.labels(step)
         if cfg.head.symmetric:

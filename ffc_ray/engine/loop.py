@@ -21,6 +21,7 @@ import torch
 from ffc_ray.config import Config, ConfigError
 from ffc_ray.data.types import FaceArrays, VerificationSet
 from ffc_ray.engine.trainer import Trainer, resolve_device
+from ffc_ray.preflight import check_run
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def run_single_process(
 
         data = synthetic_split(cfg.data)
     train, vset = data
+    check_run(cfg, train.num_classes)
     t_data = time.perf_counter() - t0
     device = resolve_device(cfg.train.device)
     trainer = Trainer(cfg, train.num_classes, device)

@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 #: margins that cannot work on a dynamic pool: L-Softmax needs unnormalised class weights,
 #: AdaptiveFace learns one margin per fixed class, but a pool slot changes identity.
-UNSUPPORTED_MARGINS = ("lsoftmax", "adaptiveface")
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -142,14 +141,9 @@ class FFCHead(Head):
     def __init__(self, cfg: Config, num_classes: int, margin: nn.Module | None = None) -> None:
         super().__init__()
         h = cfg.head
-        if h.margin_type in UNSUPPORTED_MARGINS:
-            raise ValueError(
-                f"config field 'head.margin_type': {h.margin_type!r} cannot be used with the ffc "
-                "head (the pool holds features, not learnable per-class weights); use one of "
-                "arcface, cosface, am, combined, curricularface, magface, sphereface, softmax"
-            )
-        capacity = cfg.check_pool_fits(num_classes)
-        self.capacity = int(capacity)
+        # the margin and the pool size were checked before the run (config.validate for the
+        # margin, ffc_ray.preflight.check_run for the pool)
+        self.capacity = int(cfg.pool_capacity(num_classes))
         self.k_per_id = int(h.k_per_id)
         self.top_k = int(h.resolved_top_k(self.capacity))
         self.k_mode = h.k_mode

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ffc_ray import storage
-from ffc_ray.config import Config, ConfigError
-from ffc_ray.data.source import num_training_classes
-from ffc_ray.eval.sets import SCORE_KEY, check_eval_sets
+from ffc_ray.config import Config
+from ffc_ray.eval.sets import SCORE_KEY
+from ffc_ray.preflight import check_data_cpus, check_run
 from ffc_ray.ray.run_dir import (
     check_run_name,
     prepare_local_run,
@@ -71,30 +71,11 @@ def default_run_name(cfg: Config, config_path: str | Path | None = None) -> str:
     return f"ffc_ray-{cfg.head.type}"
 
 
-def check_data_cpus(cfg: Config, concurrent_runs: int = 1, per_run_extra_cpus: float = 0.0) -> None:
-    """Raise if Ray Data's read / decode tasks could never get a CPU next to the workers.
-
-    With ``data.loader: ray_data`` each worker streams its store through tasks of
-    ``data.read_cpus`` CPU; if the training workers (times the runs that share the cluster,
-    e.g. concurrent sweep trials, plus their drivers) hold every CPU, those tasks wait forever
-    and the run hangs (docs/reference.md 3.3). Checked against ``ray.cluster_resources()``
-    before start.
-    """
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster this process is connected to."""
     import ray
 
-    d, r = cfg.data, cfg.ray
-    if d.source == "synthetic" or d.loader != "ray_data":
-        return
-    total = float(ray.cluster_resources().get("CPU", 0.0))
-    held = concurrent_runs * (r.num_workers * r.cpus_per_worker + per_run_extra_cpus)
-    if held + d.read_cpus > total + 1e-9:
-        raise ConfigError(
-            f"config field 'data.read_cpus': Ray Data read tasks need {d.read_cpus} CPU next to "
-            f"{held:g} CPU held by training ({concurrent_runs} run(s) x ({r.num_workers} "
-            f"worker(s) x ray.cpus_per_worker {r.cpus_per_worker:g} + {per_run_extra_cpus:g})) "
-            f"on a cluster of {total:g} CPUs: they would wait forever. Lower "
-            "ray.cpus_per_worker or data.read_cpus, or set data.loader: reader"
-        )
+    return float(ray.cluster_resources().get("CPU", 0.0))
 
 
 def build_torch_trainer(
@@ -151,17 +132,10 @@ def run_training(
     ``callbacks`` go to the ``RunConfig`` (``ray.train.UserCallback``, run on the controller).
     """
     name = check_run_name(name or default_run_name(cfg, config_path))
-    if cfg.head.type == "partial_fc" and cfg.ray.num_workers > 1:
-        raise ConfigError(
-            "config field 'ray.num_workers': partial_fc runs on one worker (its "
-            "per-worker sampled rows would diverge); set ray.num_workers: 1"
-        )
     cfg = resolve_paths(cfg)
-    num_classes = num_training_classes(cfg)
-    capacity = cfg.check_pool_fits(num_classes)
-    check_eval_sets(cfg)
+    capacity = check_run(cfg)
     start_ray(address or cfg.ray.address)
-    check_data_cpus(cfg)
+    check_data_cpus(cfg, cluster_cpus())
 
     root = storage_root(cfg)
     run_dir = root / name

@@ -163,11 +163,6 @@ def build_worker_trainer(
     is_ffc = cfg.head.type == "ffc"
     if is_ffc and actor is None:
         raise RuntimeError("train_loop_per_worker: the ffc head needs the pool actor handle")
-    if world > 1 and cfg.head.type == "partial_fc":
-        raise ConfigError(
-            "config field 'head.type': partial_fc keeps per-worker sampled rows "
-            "that diverge across workers; run it with ray.num_workers: 1"
-        )
     ghost = len(data.shard_ids)  # logical shards on this worker (> 1: data-parallel emulation)
     if ghost > 1 and not is_ffc:
         raise ConfigError("data shards > workers (data-parallel emulation) is for the ffc head")

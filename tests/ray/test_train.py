@@ -376,11 +376,3 @@ def test_two_worker_ffc_step_gathers_labels_once(ray_session, tmp_path: Path) ->
             ["torch.float32", n, d],  # G(y), the trial gallery
             ["torch.float32", n, d],  # G(x), the commit gallery
         ], calls
-
-
-def test_partial_fc_refuses_several_workers(tmp_path: Path) -> None:
-    from ffc_ray.config import ConfigError
-
-    cfg = small_cfg(tmp_path, **{"head.type": "partial_fc"})
-    with pytest.raises(ConfigError, match="ray.num_workers"):
-        run_training(cfg, name="pfc-two")

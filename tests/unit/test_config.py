@@ -81,15 +81,40 @@ def test_bad_values_name_the_field(override, field):
 
 
 def test_pool_smaller_than_a_step_is_reported_before_training():
+    """The preflight every driver runs (``ffc_ray.preflight.check_run``) refuses a pool smaller
+    than the distinct identities one step inserts, naming the field."""
+    from ffc_ray.preflight import check_run
+
     # 1000 ids * 0.05 = 50 slots < 64 distinct identities per step (32 + 32)
     with pytest.raises(ConfigError, match="pool.fraction.*50 slots.*64 distinct"):
-        load_config(None, ["pool.fraction=0.05"])
+        check_run(load_config(None, ["pool.fraction=0.05"]))
     # two workers double the distinct identities a step inserts
     with pytest.raises(ConfigError, match="x 2 workers"):
-        load_config(None, ["pool.fraction=0.1", "ray.num_workers=2"])
+        check_run(load_config(None, ["pool.fraction=0.1", "ray.num_workers=2"]))
     with pytest.raises(ConfigError, match="pool.capacity"):
-        load_config(None, ["pool.capacity=10"])
-    assert load_config(None, ["pool.fraction=0.1"]).pool_capacity(1000) == 100
+        check_run(load_config(None, ["pool.capacity=10"]))
+    assert check_run(load_config(None, ["pool.fraction=0.1"]), 1000) == 100
+    assert check_run(load_config(None, ["pool.fraction=0.1"])) == 100  # read from the data
+
+
+def test_partial_fc_on_several_workers_is_refused_when_the_config_is_built():
+    with pytest.raises(ConfigError, match="'ray.num_workers'.*partial_fc"):
+        load_config(None, ["head.type=partial_fc", "ray.num_workers=2"])
+
+
+def test_registry_backed_fields_accept_exactly_the_registered_names():
+    from ffc_ray.registry import BACKBONES, HEADS, MARGINS
+
+    for key, reg in (("head.type", HEADS), ("model.backbone", BACKBONES)):
+        for name in reg.names():
+            assert load_config(None, [f"{key}={name}"]).get(key) == name
+    for name in MARGINS.names():  # two need class weights (fc), two an integer margin
+        over = ["head.type=fc", f"head.margin_type={name}"]
+        if name in ("sphereface", "lsoftmax"):
+            over.append("head.margin=4")
+        assert load_config(None, over).head.margin_type == name
+    with pytest.raises(ConfigError, match="'model.backbone'.*mobilefacenet"):
+        load_config(None, ["model.backbone=resnet"])
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -395,16 +395,13 @@ def test_engine_order_has_no_inplace_autograd_errors_and_misuse_is_caught():
         out.loss.backward()
 
 
-def test_rejects_unsupported_margins_and_small_pool():
-    with pytest.raises(ValueError, match="head.margin_type"):
+def test_rejects_margins_that_need_class_weights():
+    with pytest.raises(ValueError, match="head.margin_type"):  # refused when the config is built
         FFCHead(make_cfg(margin_type="adaptiveface"), 50)
-    # a store source skips the config-time pool check; the head still refuses a pool smaller
-    # than the identities one step inserts (view batch 64 here)
-    cfg = Config().with_overrides(
-        {"data.source": "/some/store", "pool.capacity": 8, "model.embedding_dim": D}
-    )
-    with pytest.raises(ValueError, match="pool.capacity"):
-        FFCHead(cfg, 1000, margin=ClosedFormMargin("cosface", 0.1, 8))
+    fc_only = ClosedFormMargin("cosface", 0.1, 8)
+    fc_only.fc_only = True  # as lsoftmax and adaptiveface declare
+    with pytest.raises(ValueError, match="'head.margin_type'.*FC-only"):  # an injected one
+        FFCHead(make_cfg(), 50, margin=fc_only)
 
 
 def test_top_k_and_capacity_from_config():

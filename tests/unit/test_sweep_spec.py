@@ -203,10 +203,6 @@ INVALID = [
         "value 'nope' is rejected by the config",
     ),
     ({"search": {"pool.fraction": {"uniform": [0.1, 1.5]}}}, "value 1.5 is rejected"),
-    (
-        {"search": {"pool.fraction": {"uniform": [0.01, 0.5]}}},  # C = 10 < 64 ids per step
-        "value 0.01 is rejected",
-    ),
     ({"tune": {"metric": "nope"}}, "'tune.metric': metric 'nope' is not reported"),
     ({"tune": {"metric": "accuracy", "mode": "up"}}, "mode must be max or min"),
     ({"tune": {"foo": 1}}, "'tune.foo': unknown key"),
@@ -298,6 +294,19 @@ def test_invalid_sweep_fails_naming_the_field(patch, message):
     with pytest.raises(ConfigError) as exc:
         parse_sweep(data)
     assert message in str(exc.value)
+
+
+def test_preflight_checks_the_pool_at_every_searched_bound():
+    """The pool fit needs the data's identity count, so it runs in the preflight (before Ray
+    starts), at the ends of every searched range: 0.01 x 1000 ids = 10 slots < 64 per step."""
+    from ffc_ray.ray.sweep.search import preflight
+
+    base = {"name": "t", "overrides": {"data.num_identities": 1000}}
+    preflight(parse_sweep({**base, "search": {"pool.fraction": {"uniform": [0.1, 0.5]}}}))
+    bad = parse_sweep({**base, "search": {"pool.fraction": {"uniform": [0.01, 0.5]}}})
+    match = r"search.pool.fraction=0.01: .*'pool.fraction': pool of 10 "
+    with pytest.raises(ConfigError, match=match):
+        preflight(bad)
 
 
 def test_metrics_that_need_no_verification_set_are_accepted():

@@ -99,9 +99,11 @@ def run_sweep(
         push_sweep(exp_dir, exp_uri)  # the record (and a first study snapshot) up front
 
     start_ray(address, num_cpus, log_to_driver, need_dashboard=True)
-    from ffc_ray.ray.train import check_data_cpus
+    from ffc_ray.preflight import check_data_cpus
+    from ffc_ray.ray.train import cluster_cpus
 
-    check_data_cpus(spec.base, int(spec.tune.max_concurrent or 1), float(spec.tune.trial_cpus))
+    concurrent = int(spec.tune.max_concurrent or 1)
+    check_data_cpus(spec.base, cluster_cpus(), concurrent, float(spec.tune.trial_cpus))
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_driver,

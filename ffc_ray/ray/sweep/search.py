@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ffc_ray.config import ConfigError
-from ffc_ray.eval.sets import check_eval_sets
+from ffc_ray.preflight import check_run
 from ffc_ray.ray.run_dir import resolve_paths
 from ffc_ray.ray.sweep.results import (
     OPTUNA_FILE,
@@ -28,7 +28,8 @@ def resolve_spec_paths(spec: SweepSpec) -> SweepSpec:
 
 
 def preflight(spec: SweepSpec) -> None:
-    """Checks that need files: eval sets exist, the pool fits at every searched value's ends.
+    """:func:`ffc_ray.preflight.check_run` for the base config and every searched value's
+    ends (the pool fits, eval sets exist), each error naming the trial config it came from.
 
     The pure checks (keys, ranges, metrics the trainer reports) ran when the sweep was parsed.
     """
@@ -46,8 +47,7 @@ def preflight(spec: SweepSpec) -> None:
                 num = num_training_classes(cfg)
             else:
                 num = num_classes
-            cfg.check_pool_fits(num)
-            check_eval_sets(cfg)
+            check_run(cfg, num)
         except ConfigError as exc:
             raise ConfigError(f"sweep {spec.name}, {where}: {exc}") from None
     asha = spec.tune.asha

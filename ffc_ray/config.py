@@ -63,6 +63,11 @@ class DataConfig:
     # decode tasks into each worker (uint8 through the object store, normalised on the worker's
     # device); "reader" decodes in the worker process itself (same rows, same values)
     loader: str = "ray_data"
+    # logical data shards of a Ray Train run (null: one per worker). More shards than workers
+    # emulates that many data-parallel workers on fewer: each worker concatenates its shards'
+    # batches and forwards each shard's block alone (BatchNorm per block), so a 2-shard run on
+    # one worker reproduces a 2-worker run (ffc head); the data order depends on the shards
+    shards: int | None = None
 
     @property
     def view_batch(self) -> int:
@@ -243,7 +248,12 @@ class Config:
 
     def distinct_ids_per_step(self) -> int:
         """Upper bound of distinct gallery identities one step inserts (all workers)."""
-        return self.data.view_batch * max(1, self.ray.num_workers)
+        return self.data.view_batch * self.num_data_shards
+
+    @property
+    def num_data_shards(self) -> int:
+        """Logical data shards of a run: ``data.shards``, by default one per worker."""
+        return self.data.shards or max(1, self.ray.num_workers)
 
     def check_pool_fits(self, num_identities: int) -> int:
         """Validate C against the training set; return C. Called before training starts."""
@@ -256,7 +266,7 @@ class Config:
                     where,
                     f"pool of {cap} slots is smaller than the up to {need} distinct identities "
                     f"one step inserts (data.instance_batch/2 + data.identity_batch = "
-                    f"{self.data.view_batch} per worker x {max(1, self.ray.num_workers)} workers); "
+                    f"{self.data.view_batch} per shard x {self.num_data_shards} data shards); "
                     "raise the pool size or lower the batch",
                 )
         return cap
@@ -369,6 +379,11 @@ def validate(cfg: Config) -> None:
             "partial_fc runs on one worker (its per-worker sampled rows would diverge); "
             "set ray.num_workers: 1",
         )
+    workers = max(1, r.num_workers)
+    if d.shards is not None and (d.shards < workers or d.shards % workers):
+        raise _err("data.shards", f"{d.shards} is not a multiple of the {workers} worker(s)")
+    if d.shards is not None and d.shards > workers and h.type != "ffc":
+        raise _err("data.shards", "more shards than workers (data-parallel emulation): ffc only")
     if h.margin_type in ("lsoftmax", "adaptiveface") and h.type != "fc":
         raise _err(
             "head.margin_type", f"{h.margin_type} needs learned class weights: head.type fc only"

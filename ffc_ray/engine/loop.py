@@ -1,10 +1,10 @@
-"""The single-process training loop (tests, demo) over in-memory dual-loader batches.
+"""The training loop, its callbacks, and the single-process run (tests, demo).
 
-:func:`train_loop` drives any :class:`~ffc_ray.engine.trainer.Trainer` over an iterator of
-``(x, lx, y, ly)`` batches; :func:`run_single_process` builds everything from a config
-(synthetic data, dual sampler, trainer), trains ``train.steps`` steps and evaluates on the
-held-out verification pairs before and after. The Ray worker has its own loop (checkpoints,
-reporting) around the same ``Trainer``.
+:func:`train_loop` drives a :class:`~ffc_ray.engine.trainer.Trainer` over an iterator of
+``(x, lx, y, ly)`` batches and calls its :class:`Callback` s around each step. It is the one
+loop: :func:`run_single_process` (synthetic data in memory, verification before and after)
+and the Ray Train worker (:mod:`ffc_ray.ray.worker`: pool-actor prefetch, logging,
+evaluation, reports and checkpoints) differ only in the callbacks they pass.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,72 +29,149 @@ log = logging.getLogger(__name__)
 Batch = tuple[Any, Any, Any, Any]  # (x, lx, y, ly): uint8 arrays or float tensors + labels
 
 
+@dataclass
+class LoopState:
+    """What the callbacks of one :func:`train_loop` share: the step just done (``step``), the
+    last step (``steps``) and ``stop``, which a callback sets to end the loop after this step."""
+
+    steps: int
+    step: int = 0
+    stop: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.step >= self.steps
+
+
+class Callback:
+    """A hook of :func:`train_loop`; override what you need.
+
+    ``before_step`` sees the batch before the step (the Ray worker starts the pool actor's
+    plan there, so the round trip overlaps the step); ``after_step`` sees the step's metrics.
+    Callbacks run in list order, so one that sets ``loop.stop`` goes before those that react
+    to it (the Ray worker checkpoints when ``loop.stop`` is set).
+    """
+
+    def before_step(self, trainer: Trainer, batch: Batch) -> None:  # noqa: B027 - optional
+        pass
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:  # noqa: B027
+        pass
+
+
+def train_loop(
+    trainer: Trainer, batches: Iterable[Batch], steps: int, callbacks: Sequence[Callback] = ()
+) -> LoopState:
+    """Train from ``trainer.step`` up to step ``steps`` (or until a callback stops the loop).
+
+    The one training loop: the single-process run and every Ray Train worker drive their
+    :class:`~ffc_ray.engine.trainer.Trainer` through it with their own callbacks.
+    """
+    loop = LoopState(steps, trainer.step)
+    it: Iterator[Batch] = iter(batches)
+    while not (loop.final or loop.stop):
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise RuntimeError(
+                f"train_loop: the batch iterator ran out at step {trainer.step} of {steps}"
+            ) from None
+        for cb in callbacks:
+            cb.before_step(trainer, batch)
+        metrics = trainer.train_step(*batch)
+        loop.step = trainer.step
+        for cb in callbacks:
+            cb.after_step(trainer, metrics, loop)
+    return loop
+
+
+class StopAfter(Callback):
+    """Stop the loop after step ``step`` (the Ray worker then saves a checkpoint, as at the
+    end, and the same run name resumes from it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:
+        if loop.step >= self.step and not loop.final:
+            log.info("stopping after step %d (StopAfter)", loop.step)
+            loop.stop = True
+
+
+class FiniteLoss(Callback):
+    """Raise naming the step when the loss is not finite."""
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(
+                f"train_loop: non-finite loss {metrics['loss']} at step {loop.step}"
+            )
+
+
 def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for m in window for k in m}
     return {k: float(np.mean([m[k] for m in window if k in m])) for k in sorted(keys)}
 
 
-def train_loop(
-    cfg: Config,
-    trainer: Trainer,
-    batches_iter: Iterable[Batch],
-    steps: int,
-    eval_fn: Callable[[int], dict[str, Any]] | None = None,
-    log_fn: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, Any]:
-    """Run ``steps`` train steps; average metrics over ``train.log_interval`` windows.
+class History(Callback):
+    """The single-process run's record: window averages every ``log_interval`` steps (given
+    to ``log_fn``, default ``logging``), evaluations every ``eval_interval`` steps and at the
+    end (``eval_fn(step)``), and throughput over every step but the first (which pays
+    one-time costs: imports, allocator warm-up)."""
 
-    ``eval_fn(step)`` runs every ``train.eval_interval`` steps and after the last one;
-    ``log_fn(step, metrics)`` receives each window's averages (default: ``logging``).
-    A non-finite loss stops the run with an error naming the step.
-    Returns ``history`` (window averages), ``evals`` ([(step, metrics)]), ``final`` (the last
-    window), ``mean_step_time`` and ``images_per_s`` (over all but the first step).
-    """
-    it: Iterator[Batch] = iter(batches_iter)
-    history: list[dict[str, float]] = []
-    evals: list[tuple[int, dict[str, Any]]] = []
-    window: list[dict[str, float]] = []
-    times: list[float] = []
-    images = 0
-    for i in range(steps):
-        try:
-            x, lx, y, ly = next(it)
-        except StopIteration:
-            raise RuntimeError(f"train_loop: the batch iterator ran out after {i} steps") from None
-        m = trainer.train_step(x, lx, y, ly)
-        if not math.isfinite(m["loss"]):
-            raise FloatingPointError(
-                f"train_loop: non-finite loss {m['loss']} at step {trainer.step}"
-            )
-        window.append(m)
-        if i > 0:  # the first step pays one-time costs (imports, allocator warm-up)
-            times.append(m["step_time"])
-            images += len(x) + len(y)
-        last = i == steps - 1
-        if trainer.step % cfg.train.log_interval == 0 or last:
-            avg = {"step": float(trainer.step), **_mean_metrics(window)}
-            history.append(avg)
-            window = []
-            if log_fn is not None:
-                log_fn(trainer.step, avg)
+    def __init__(
+        self,
+        cfg: Config,
+        eval_fn: Callable[[int], dict[str, Any]] | None = None,
+        log_fn: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.cfg, self.eval_fn, self.log_fn = cfg, eval_fn, log_fn
+        self.history: list[dict[str, float]] = []
+        self.evals: list[tuple[int, dict[str, Any]]] = []
+        self.window: list[dict[str, float]] = []
+        self.times: list[float] = []
+        self.images = 0
+        self.first = True
+
+    def before_step(self, trainer: Trainer, batch: Batch) -> None:
+        self.batch_images = len(batch[0]) + len(batch[2])
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:
+        t = self.cfg.train
+        self.window.append(metrics)
+        if not self.first:
+            self.times.append(metrics["step_time"])
+            self.images += self.batch_images
+        self.first = False
+        end = loop.final or loop.stop
+        if loop.step % t.log_interval == 0 or end:
+            avg = {"step": float(loop.step), **_mean_metrics(self.window)}
+            self.history.append(avg)
+            self.window = []
+            if self.log_fn is not None:
+                self.log_fn(loop.step, avg)
             else:
                 log.info(
                     "step %d loss %.4f lr %.4g %.0f img/s",
-                    trainer.step,
+                    loop.step,
                     avg["loss"],
                     avg["lr"],
                     avg["images_per_s"],
                 )
-        if eval_fn is not None and (trainer.step % cfg.train.eval_interval == 0 or last):
-            evals.append((trainer.step, eval_fn(trainer.step)))
-    total_t = float(np.sum(times)) if times else 0.0
-    return {
-        "history": history,
-        "evals": evals,
-        "final": history[-1] if history else {},
-        "mean_step_time": total_t / len(times) if times else float("nan"),
-        "images_per_s": images / total_t if total_t > 0 else float("nan"),
-    }
+        if self.eval_fn is not None and (loop.step % t.eval_interval == 0 or end):
+            self.evals.append((loop.step, self.eval_fn(loop.step)))
+
+    def summary(self) -> dict[str, Any]:
+        """``history`` (window averages), ``evals`` ([(step, metrics)]), ``final`` (the last
+        window), ``mean_step_time`` and ``images_per_s``."""
+        total_t = float(np.sum(self.times)) if self.times else 0.0
+        return {
+            "history": self.history,
+            "evals": self.evals,
+            "final": self.history[-1] if self.history else {},
+            "mean_step_time": total_t / len(self.times) if self.times else float("nan"),
+            "images_per_s": self.images / total_t if total_t > 0 else float("nan"),
+        }
 
 
 def dual_batches(
@@ -174,14 +252,10 @@ def run_single_process(
     before = evaluate_trainer(cfg, trainer, vset) if len(vset) else {}
     t1 = time.perf_counter()
     eval_fn = (lambda step: evaluate_trainer(cfg, trainer, vset)) if len(vset) else None
-    summary = train_loop(
-        cfg,
-        trainer,
-        dual_batches(cfg, train, device),
-        cfg.train.steps,
-        eval_fn=eval_fn,
-        log_fn=log_fn,
-    )
+    record = History(cfg, eval_fn, log_fn)
+    batches = dual_batches(cfg, train, device)
+    train_loop(trainer, batches, cfg.train.steps, [FiniteLoss(), record])
+    summary = record.summary()
     t_train = time.perf_counter() - t1
     after = summary["evals"][-1][1] if summary["evals"] else {}
     return {

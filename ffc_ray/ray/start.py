@@ -20,14 +20,6 @@ import ray
 
 log = logging.getLogger(__name__)
 
-#: Ray system settings for the Ray instances ffc_ray starts itself (``ray.init`` of a local
-#: cluster; the cluster files export the same as ``RAY_<name>`` before ``ray start``). Idle task
-#: workers are otherwise killed after 1 s once a node runs more workers than CPUs, which is
-#: always the case on small nodes with training workers and actors: every Ray Data read task
-#: then starts a fresh Python process and pays the torch import again (measured: 41 worker
-#: starts in 4 minutes of two LFW trainings on 2 CPUs, 0.45 -> 0.60 steps/s with this setting).
-LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
-
 #: glibc malloc settings for the job's Ray worker processes (its runtime environment, so the
 #: raylet, the driver and other jobs are untouched; a variable already set in the environment
 #: wins). A training step allocates its batch and activations afresh and frees them; glibc's
@@ -98,7 +90,6 @@ def start_ray(
         configure_logging=False,
         log_to_driver=log_to_driver,
         runtime_env={"env_vars": env},
-        _system_config=LOCAL_SYSTEM_CONFIG,
     )
     if port is not None and not str(ctx.dashboard_url).endswith(f":{port}"):
         log.warning(

@@ -9,12 +9,14 @@ failed worker or pool actor is recovered from the last checkpoint, is described 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ffc_ray import storage
 from ffc_ray.config import Config
+from ffc_ray.engine.loop import Callback
 from ffc_ray.eval.sets import SCORE_KEY
 from ffc_ray.preflight import check_data_cpus, check_run
 from ffc_ray.ray.run_dir import (
@@ -118,16 +120,15 @@ def run_training(
     name: str | None = None,
     address: str | None = None,
     config_path: str | Path | None = None,
-    extra: dict[str, Any] | None = None,
+    loop_callbacks: Sequence[Callback] = (),
     keep_actor: bool = False,
     callbacks: list[Any] | None = None,
 ) -> TrainRun:
     """Train ``cfg`` on Ray Train; the same ``name`` again resumes from the latest checkpoint.
 
-    ``extra`` carries test and benchmark knobs that are not part of the config:
-    ``data_shards`` (logical data shards, see :class:`WorkerData`), ``step_sleep_s``,
-    ``stop_after_step`` (stop cleanly after that step, with a checkpoint: a stopped driver),
-    ``pid_files`` (every rank writes ``workers/rank<r>.pid``). ``keep_actor`` leaves the pool
+    ``loop_callbacks`` (:class:`ffc_ray.engine.loop.Callback`, e.g. ``StopAfter(6)``: stop
+    with a checkpoint after step 6, as a stopped driver would) run in every worker's loop
+    before the worker's own callbacks; they travel pickled. ``keep_actor`` leaves the pool
     actor alive and returns its handle (for inspection); otherwise it is ended after the run.
     ``callbacks`` go to the ``RunConfig`` (``ray.train.UserCallback``, run on the controller).
     """
@@ -156,7 +157,7 @@ def run_training(
         "run_dir": str(run_dir),
         "run_uri": run_uri,
         "actor": actor,
-        "extra": dict(extra or {}),
+        "callbacks": list(loop_callbacks),
     }
     trainer = build_torch_trainer(cfg, name, loop_config, callbacks)
     log.info(

@@ -9,9 +9,11 @@ Every worker:
 2. restores the latest checkpoint when there is one (Ray Train hands it over after a worker
    failure or when the same run name is started again): trainer state, RNG states, step, and,
    through rank 0, the actor's index (``load_state``), so pool buffers and index agree again;
-3. trains, evaluates on rank 0 every ``train.eval_interval`` steps and at the end, and reports
-   metrics with a checkpoint every ``train.checkpoint_interval`` steps and at the end
-   (``ray.train.report`` from all ranks; rank 0 writes the files).
+3. trains through :func:`ffc_ray.engine.loop.train_loop` with its callbacks: the pool
+   actor's prefetch before each step, the step log, and the report callback, which evaluates
+   on rank 0 every ``train.eval_interval`` steps and at the end and reports metrics with a
+   checkpoint every ``train.checkpoint_interval`` steps, at the end and when a callback stopped
+   the loop (``ray.train.report`` from all ranks; rank 0 writes the files).
 
 A pool actor that restarts (and so lost its index) or that cannot be reached makes every rank
 raise :class:`~ffc_ray.ray.dist.PoolActorLost`; Ray Train (``FailureConfig``) then restarts the
@@ -28,6 +30,7 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ from ffc_ray.engine.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from ffc_ray.engine.loop import Batch, Callback, LoopState, train_loop
 from ffc_ray.engine.trainer import Trainer
 from ffc_ray.eval.sets import SCORE_KEY, evaluate_sets, load_eval_sets
 from ffc_ray.ray import dist as rdist
@@ -164,8 +168,6 @@ def build_worker_trainer(
     if is_ffc and actor is None:
         raise RuntimeError("train_loop_per_worker: the ffc head needs the pool actor handle")
     ghost = len(data.shard_ids)  # logical shards on this worker (> 1: data-parallel emulation)
-    if ghost > 1 and not is_ffc:
-        raise ConfigError("data shards > workers (data-parallel emulation) is for the ffc head")
     planner = None
     if is_ffc:
         planner = rdist.ActorPlanner(actor, symmetric=cfg.head.symmetric)
@@ -287,12 +289,11 @@ def _step_metrics(
 
 
 def _setup_worker(loop_config: dict[str, Any]) -> tuple:
-    """(cfg, test knobs, run folder, run URI, actor, rank, world, device) of this worker, its
-    RNGs seeded per rank and its pid recorded."""
+    """(cfg, run folder, run URI, actor, rank, world, device) of this worker, its RNGs seeded
+    per rank."""
     import ray.train
 
     cfg = Config.from_dict(loop_config["config"])
-    extra: dict[str, Any] = dict(loop_config.get("extra") or {})
     run_dir = Path(loop_config["run_dir"])
     run_uri: str | None = loop_config.get("run_uri")
     ctx = ray.train.get_context()
@@ -305,98 +306,129 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    if rank == 0 or extra.get("pid_files"):
-        (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-        (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
     actor = loop_config.get("actor")
-    return cfg, extra, run_dir, run_uri, actor, rank, world, _worker_device(cfg)
+    return cfg, run_dir, run_uri, actor, rank, world, _worker_device(cfg)
+
+
+class _Prefetch(Callback):
+    """Start the pool actor's plan of the coming step (rank 0 asks, every rank gets the
+    slots): the round trip overlaps the EMA and G-Net forward."""
+
+    def __init__(self, planner: Any) -> None:
+        self.planner = planner
+
+    def before_step(self, trainer: Trainer, batch: Batch) -> None:
+        self.planner.step = trainer.step
+        self.planner.prefetch(batch[1], batch[3])
+
+
+class _StepLog(Callback):
+    """Every step's metrics to the run's log (rank 0 writes)."""
+
+    def __init__(self, logger: RunLogger, planner: Any, world: int, device: torch.device):
+        self.logger, self.planner, self.world, self.device = logger, planner, world, device
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:
+        m = _step_metrics(metrics, self.planner, self.world, self.device)
+        self.logger.step(loop.step, m, {"cpu_s": time.process_time()})
+
+
+class _Report(Callback):
+    """Evaluate (rank 0) every ``train.eval_interval`` steps and at the end; report to Ray
+    Train at each evaluation, with a checkpoint every ``train.checkpoint_interval`` steps, at
+    the end and when a callback stopped the loop."""
+
+    def __init__(self, w: _Worker, vsets: list) -> None:
+        self.w, self.vsets = w, vsets
+        self.last_eval: dict[str, float] = {}
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:
+        w, t, done = self.w, self.w.cfg.train, loop.step
+        end = loop.final or loop.stop
+        want_eval = loop.final or done % t.eval_interval == 0
+        want_ckpt = end or done % t.checkpoint_interval == 0
+        if not (want_eval or want_ckpt):
+            return
+        if want_eval and w.rank == 0:
+            self.last_eval = _evaluate(trainer, self.vsets, w.cfg, w.logger)
+        report = {
+            "step": done,
+            "epoch": w.data.position(done)[0],
+            **{k: metrics[k] for k in ("loss", "loss_pos", "loss_neg", "lr") if k in metrics},
+            **(self.last_eval if want_eval else {}),
+        }
+        report.setdefault(SCORE_KEY, NOT_EVALUATED)
+        if want_ckpt:
+            _report_with_checkpoint(report, trainer, w)
+            if w.run_uri and w.rank == 0:
+                push_run_dir(w.run_dir, w.run_uri)
+        else:
+            import ray.train
+
+            ray.train.report(report)
+        w.logger.flush()
+
+
+@dataclass
+class _Worker:
+    """What one worker's callbacks and its end share."""
+
+    cfg: Config
+    data: WorkerData
+    logger: RunLogger
+    actor: Any
+    run_dir: Path
+    run_uri: str | None
+    rank: int
+    world: int
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entry point; ``loop_config`` holds the resolved config dict, run folder, actor."""
-    import ray.train
-
-    cfg, extra, run_dir, run_uri, actor, rank, world, device = _setup_worker(loop_config)
-    data = WorkerData(cfg, rank, world, extra.get("data_shards"))
+    """Ray Train entry point; ``loop_config`` holds the resolved config dict, run folder, actor
+    and the caller's extra loop callbacks (``callbacks``, run before the worker's own)."""
+    cfg, run_dir, run_uri, actor, rank, world, device = _setup_worker(loop_config)
+    data = WorkerData(cfg, rank, world, cfg.data.shards)
     trainer, planner = build_worker_trainer(cfg, data, world, actor, device)
-    logger = _start_logger(
-        cfg, run_dir, trainer, rank, world, _restore(trainer, planner, data, actor, rank)
-    )
+    restored = _restore(trainer, planner, data, actor, rank)
+    logger = _start_logger(cfg, run_dir, trainer, rank, world, restored)
+    w = _Worker(cfg, data, logger, actor, run_dir, run_uri, rank, world)
     vsets = load_eval_sets(cfg) if rank == 0 else []
     if trainer.step == 0 and vsets:  # the untrained baseline, for the curves
         _evaluate(trainer, vsets, cfg, logger)
-    steps, last_eval = cfg.train.steps, {}
-    summary: dict[str, Any] = {"start_step": trainer.step}
-    stop_after, step_sleep = extra.get("stop_after_step"), float(extra.get("step_sleep_s", 0.0))
-
-    batches = data.iter_batches(trainer.step, steps, device)
-    for x, lx, y, ly in batches:
-        if planner is not None:
-            planner.step = trainer.step
-            planner.prefetch(lx, ly)  # the round trip overlaps the EMA and G-Net forward
-        metrics = trainer.train_step(x, lx, y, ly)
-        done = trainer.step
-        logger.step(
-            done, _step_metrics(metrics, planner, world, device), {"cpu_s": time.process_time()}
-        )
-        if step_sleep:  # tests: a slow step, to kill a worker mid-run
-            time.sleep(step_sleep)
-
-        final = done == steps
-        stop_now = stop_after is not None and done >= int(stop_after)
-        want_eval = final or done % cfg.train.eval_interval == 0
-        want_ckpt = final or stop_now or done % cfg.train.checkpoint_interval == 0
-        if want_eval or want_ckpt:
-            if want_eval and rank == 0:
-                last_eval = _evaluate(trainer, vsets, cfg, logger)
-            report = {
-                "step": done,
-                "epoch": data.position(done)[0],
-                **{k: metrics[k] for k in ("loss", "loss_pos", "loss_neg", "lr") if k in metrics},
-                **(last_eval if want_eval else {}),
-            }
-            report.setdefault(SCORE_KEY, NOT_EVALUATED)
-            if want_ckpt:
-                _report_with_checkpoint(report, trainer, cfg, actor, data, rank, logger)
-                if run_uri and rank == 0:
-                    push_run_dir(run_dir, run_uri)
-            else:
-                ray.train.report(report)
-            logger.flush()
-        if stop_now and not final:
-            log.info("stopping after step %d (stop_after_step)", done)
-            summary["stopped_at"] = done
-            break
-
-    batches.close()  # a stop_after_step break: end the Ray Data streams' read-ahead now
-    return _finish(cfg, trainer, data, logger, last_eval, summary, run_dir, run_uri, rank, world)
+    start = trainer.step
+    report = _Report(w, vsets)
+    callbacks = [
+        *([_Prefetch(planner)] if planner is not None else []),
+        *loop_config.get("callbacks", ()),
+        _StepLog(logger, planner, world, device),
+        report,
+    ]
+    batches = data.iter_batches(start, cfg.train.steps, device)
+    loop = train_loop(trainer, batches, cfg.train.steps, callbacks)
+    batches.close()  # stopped early: end the Ray Data streams' read-ahead now
+    summary: dict[str, Any] = {"start_step": start}
+    if loop.stop:
+        summary["stopped_at"] = loop.step
+    return _finish(w, trainer, report.last_eval, summary)
 
 
 def _finish(
-    cfg: Config,
-    trainer: Trainer,
-    data: WorkerData,
-    logger: RunLogger,
-    last_eval: dict[str, float],
-    summary: dict[str, Any],
-    run_dir: Path,
-    run_uri: str | None,
-    rank: int,
-    world: int,
+    w: _Worker, trainer: Trainer, last_eval: dict[str, float], summary: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The end of training: checksums from every rank, the ``end`` event and hparams, the
     last upload; rank 0 returns the run's summary."""
+    cfg, logger = w.cfg, w.logger
     pool_sums = rdist.all_gather_strings(pool_checksum(trainer) or "")
     summary["model_checksums"] = rdist.all_gather_strings(model_checksum(trainer))
     summary.update(
         final_step=trainer.step,
         pool_checksums=pool_sums,
-        world=world,
+        world=w.world,
         torch_threads=torch.get_num_threads(),
-        num_classes=data.num_classes,
+        num_classes=w.data.num_classes,
         head_memory_bytes=int(trainer.head.memory_bytes()),
     )
-    if rank != 0:
+    if w.rank != 0:
         return None
     logger.event("end", step=trainer.step, pool_checksums=pool_sums)
     if trainer.step == cfg.train.steps:
@@ -405,33 +437,25 @@ def _finish(
             {k: v for k, v in last_eval.items() if "/" in k} or {"loss": 0.0},
         )
     logger.close()
-    if run_uri:
-        push_run_dir(run_dir, run_uri)
+    if w.run_uri:
+        push_run_dir(w.run_dir, w.run_uri)
     return summary
 
 
-def _report_with_checkpoint(
-    report: dict[str, Any],
-    trainer: Any,
-    cfg: Config,
-    actor: Any,
-    data: WorkerData,
-    rank: int,
-    logger: RunLogger,
-) -> None:
+def _report_with_checkpoint(report: dict[str, Any], trainer: Any, w: _Worker) -> None:
     """All ranks call ``ray.train.report``; rank 0 attaches the checkpoint folder."""
     import ray
     import ray.train
     from ray.train import Checkpoint
 
     rngs = _gather_objects(rng_state())
-    epoch, position = data.position(trainer.step)
+    epoch, position = w.data.position(trainer.step)
     with tempfile.TemporaryDirectory(prefix="ffc-ckpt-") as tmp:
         checkpoint = None
-        if rank == 0:
+        if w.rank == 0:
             index_state, index_sum = None, None
             if trainer.is_ffc:
-                index_state, actor_step = ray.get(actor.get_state.remote())
+                index_state, actor_step = ray.get(w.actor.get_state.remote())
                 if actor_step != trainer.step:
                     raise rdist.PoolActorLost(
                         f"pool actor is at step {actor_step} while saving step {trainer.step}"
@@ -442,19 +466,19 @@ def _report_with_checkpoint(
             meta = write_checkpoint(
                 Path(tmp),
                 trainer=trainer,
-                cfg=cfg,
+                cfg=w.cfg,
                 index_state=index_state,
                 index_sum=index_sum,
                 rng=rngs,
                 epoch=epoch,
                 position=position,
                 metrics=report,
-                num_shards=data.num_shards,
+                num_shards=w.data.num_shards,
             )
             checkpoint = Checkpoint.from_directory(tmp)
         ray.train.report(report, checkpoint=checkpoint)
-        if rank == 0:  # persisted now (Ray registers it with the run right after)
-            logger.event(
+        if w.rank == 0:  # persisted now (Ray registers it with the run right after)
+            w.logger.event(
                 "checkpoint",
                 step=trainer.step,
                 pool_checksum=meta["pool_checksum"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,26 @@ import numpy as np
 
 from ffc_ray.config import Config
 from ffc_ray.engine.checkpoint import load_checkpoint_state
+from ffc_ray.engine.loop import Callback
+
+
+class SlowSteps(Callback):
+    """A worker-loop callback: every step sleeps ``seconds`` (so that a test can kill a worker
+    mid-run); with ``pid_dir``, each rank writes ``rank<r>.pid`` there at its first step."""
+
+    def __init__(self, seconds: float, pid_dir: Path | None = None) -> None:
+        self.seconds, self.pid_dir, self.written = seconds, pid_dir, False
+
+    def after_step(self, trainer: Any, metrics: dict[str, Any], loop: Any) -> None:
+        if self.pid_dir is not None and not self.written:
+            import ray.train
+
+            rank = ray.train.get_context().get_world_rank()
+            self.pid_dir.mkdir(parents=True, exist_ok=True)
+            (self.pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+            self.written = True
+        time.sleep(self.seconds)
+
 
 BASE = {
     "data.num_identities": 64,

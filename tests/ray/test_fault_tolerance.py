@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from ffc_ray.data.source import replay_pool_index
+from ffc_ray.engine.loop import StopAfter
 from ffc_ray.pool.actor import actor_name, index_checksum, kill_pool_actor
 from ffc_ray.ray.train import run_training
 from tests.ray.helpers import (
     Background,
+    SlowSteps,
     assert_index_equal,
     checkpoints_by_step,
     last_per_step,
@@ -86,16 +88,16 @@ def test_killed_worker_restarts_group_from_last_checkpoint(ray_session, tmp_path
         cfg,
         name=name,
         keep_actor=True,
-        extra={"step_sleep_s": 0.4, "pid_files": True},
+        loop_callbacks=[SlowSteps(0.4, pid_dir=tmp_path / "pids")],
     )
     run_dir = tmp_path / name
     wait_for(_checkpointed_and_running(run_dir, 6), what="a checkpoint and step 6")
-    pid = int((run_dir / "workers" / "rank1.pid").read_text())
+    pid = int((tmp_path / "pids" / "rank1.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     run = job.join()
     try:
         _check_recovery(ray_session, run, cfg, world=2)
-        assert int((run_dir / "workers" / "rank1.pid").read_text()) != pid  # a new process
+        assert int((tmp_path / "pids" / "rank1.pid").read_text()) != pid  # a new process
     finally:
         kill_pool_actor(run.actor)
 
@@ -104,7 +106,7 @@ def test_killed_actor_is_restored_from_last_checkpoint(ray_session, tmp_path: Pa
     ray = ray_session
     cfg = _cfg(tmp_path)
     name = "ft-actor"
-    job = Background(run_training, cfg, name=name, keep_actor=True, extra={"step_sleep_s": 0.4})
+    job = Background(run_training, cfg, name=name, keep_actor=True, loop_callbacks=[SlowSteps(0.4)])
     run_dir = tmp_path / name
     wait_for(_checkpointed_and_running(run_dir, 6), what="a checkpoint and step 6")
     ray.kill(ray.get_actor(actor_name(name)), no_restart=False)  # it restarts, empty
@@ -131,7 +133,7 @@ def test_resume_after_driver_stop_matches_uninterrupted_run(ray_session, tmp_pat
         },
     )
     full = run_training(cfg, name="rs-full", keep_actor=True)
-    first = run_training(cfg, name="rs-split", extra={"stop_after_step": 6})
+    first = run_training(cfg, name="rs-split", loop_callbacks=[StopAfter(6)])
     assert first.summary["final_step"] == 6 and first.summary["stopped_at"] == 6
     second = run_training(cfg, name="rs-split", keep_actor=True)  # the same command again
     try:

@@ -20,6 +20,7 @@ from ffc_ray.data.importers import ImportOptions, import_synthetic
 from ffc_ray.data.pairs import save_verification_set
 from ffc_ray.data.store import close_cached_envs
 from ffc_ray.data.synthetic import synthetic_split
+from ffc_ray.engine.loop import StopAfter
 from ffc_ray.ray.train import run_training
 
 pytestmark = pytest.mark.ray
@@ -77,7 +78,7 @@ def test_train_with_uri_storage_store_and_pairs_resumes(ray_session, tmp_path: P
     )
     remote_run = bucket / "runs" / "uri-run"
     try:
-        first = run_training(cfg, name="uri-run", extra={"stop_after_step": 6})
+        first = run_training(cfg, name="uri-run", loop_callbacks=[StopAfter(6)])
         assert first.result.error is None and first.summary["final_step"] == 6
         assert first.run_uri == runs_uri + "/uri-run"
         assert first.run_dir == staging / "uri-run"

@@ -87,9 +87,8 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(
     steps = cfg.train.steps
     two = run_training(cfg, name="dp-two", keep_actor=True)
     one = run_training(
-        cfg.with_overrides({"ray.num_workers": 1}),
+        cfg.with_overrides({"ray.num_workers": 1, "data.shards": 2}),
         name="dp-one",
-        extra={"data_shards": 2},
         keep_actor=True,
     )
     ray = ray_session

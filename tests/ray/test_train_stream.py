@@ -35,6 +35,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_ray_data_loader_matches_reader_and_resumes(ray_session, store32, tmp_path):
+    from ffc_ray.engine.loop import StopAfter
     from ffc_ray.ray.train import run_training
 
     over = {
@@ -47,7 +48,7 @@ def test_ray_data_loader_matches_reader_and_resumes(ray_session, store32, tmp_pa
     }
     read = run_training(small_cfg(tmp_path, data__loader="reader", **over), name="read")
     cfg = small_cfg(tmp_path, **over)  # data.loader: ray_data (the default)
-    first = run_training(cfg, name="streamed", extra={"stop_after_step": 3})
+    first = run_training(cfg, name="streamed", loop_callbacks=[StopAfter(3)])
     assert first.summary["final_step"] == 3
     second = run_training(cfg, name="streamed")  # the same command: streams again from step 3
     assert second.summary["start_step"] == 3 and second.summary["final_step"] == 6

@@ -89,7 +89,7 @@ def test_pool_smaller_than_a_step_is_reported_before_training():
     with pytest.raises(ConfigError, match="pool.fraction.*50 slots.*64 distinct"):
         check_run(load_config(None, ["pool.fraction=0.05"]))
     # two workers double the distinct identities a step inserts
-    with pytest.raises(ConfigError, match="x 2 workers"):
+    with pytest.raises(ConfigError, match="x 2 data shards"):
         check_run(load_config(None, ["pool.fraction=0.1", "ray.num_workers=2"]))
     with pytest.raises(ConfigError, match="pool.capacity"):
         check_run(load_config(None, ["pool.capacity=10"]))
@@ -126,3 +126,13 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["head.margin"])
+
+
+def test_data_shards_multiple_of_the_workers_and_emulation_for_ffc_only():
+    cfg = load_config(None, ["ray.num_workers=1", "data.shards=2"])
+    assert cfg.num_data_shards == 2 and cfg.distinct_ids_per_step() == 2 * cfg.data.view_batch
+    assert load_config(None, ["ray.num_workers=2"]).num_data_shards == 2  # default: per worker
+    with pytest.raises(ConfigError, match="'data.shards': 3 is not a multiple of the 2"):
+        load_config(None, ["ray.num_workers=2", "data.shards=3"])
+    with pytest.raises(ConfigError, match="'data.shards': more shards than workers.*ffc only"):
+        load_config(None, ["ray.num_workers=1", "data.shards=2", "head.type=fc"])

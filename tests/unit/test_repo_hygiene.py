@@ -40,7 +40,7 @@ def test_no_private_ray_or_optuna_api_in_the_package():
     change without notice from one release to the next."""
     private = re.compile(
         r"ray\._private|ray\._raylet|\._internal\b|\._topology\b|RAY_GCS_SERVER_PORT"
-        r"|\._contains\b|optuna\._"
+        r"|\._contains\b|optuna\._|\b_system_config\b"
     )
     users = {
         f"{p.relative_to(PACKAGE.parent)}: {m.group(0)}"
@@ -48,3 +48,15 @@ def test_no_private_ray_or_optuna_api_in_the_package():
         for m in private.finditer(p.read_text())
     }
     assert not users, sorted(users)
+
+
+def test_benchmarks_page_is_generated_from_the_results():
+    """docs/benchmarks.md is what ``benchmarks/report.py`` writes from results/*.json (rerun
+    it after saving a new result)."""
+    import importlib.util
+
+    repo = PACKAGE.parent
+    spec = importlib.util.spec_from_file_location("report", repo / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert (repo / "docs" / "benchmarks.md").read_text() == report.render()

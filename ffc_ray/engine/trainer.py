@@ -104,9 +104,6 @@ class Trainer:
         self.dtype = getattr(torch, cfg.train.dtype)  # float32, or float64 for numerical checks
         self.amp_dtype = resolve_amp(cfg.train.amp, self.device, cfg.train.dtype)
 
-        if self.is_ffc:
-            import ffc_ray.heads.ffc  # noqa: F401 - registers "ffc" even if heads/__init__ does not
-
         # build under a forked RNG: same cfg -> same initial weights, global RNG untouched
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)

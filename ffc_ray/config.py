@@ -30,6 +30,17 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending dotted field."""
 
 
+def check_name(name: Any, what: str) -> str:
+    """A run or sweep name: it names a folder, so letters, digits, '.', '_' and '-' only,
+    starting with a letter or digit (no '/', no '.' or '..')."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(
+            f"{what} {name!r}: use letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit"
+        )
+    return name
+
+
 def _err(key: str, msg: str) -> ConfigError:
     return ConfigError(f"config field '{key}': {msg}")
 

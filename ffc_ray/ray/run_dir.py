@@ -6,7 +6,6 @@ uploads of a remote run's files. Training writes a run folder per run; sweeps pe
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import yaml
 
 from ffc_ray import storage
-from ffc_ray.config import CONFIG_FILE, Config, ConfigError
+from ffc_ray.config import CONFIG_FILE, Config, ConfigError, check_name
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +159,7 @@ def prepare_remote_run(cfg: Config, run_dir: Path, run_uri: str, name: str) -> N
 
 
 def check_run_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
-        raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' or '-'")
-    return name
+    return check_name(name, "run name")
 
 
 def resolve_paths(cfg: Config) -> Config:

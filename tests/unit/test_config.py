@@ -136,3 +136,15 @@ def test_data_shards_multiple_of_the_workers_and_emulation_for_ffc_only():
         load_config(None, ["ray.num_workers=2", "data.shards=3"])
     with pytest.raises(ConfigError, match="'data.shards': more shards than workers.*ffc only"):
         load_config(None, ["ray.num_workers=1", "data.shards=2", "head.type=fc"])
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "-x", "a b", None, 3])
+def test_run_and_sweep_names_share_one_validator(name):
+    from ffc_ray.config import check_name
+    from ffc_ray.ray.run_dir import check_run_name
+
+    with pytest.raises(ConfigError, match="run name .*use letters, digits"):
+        check_run_name(name)
+    with pytest.raises(ConfigError, match="sweep name"):
+        check_name(name, "sweep name")
+    assert check_name("fc_vs_ffc-2.b", "sweep name") == "fc_vs_ffc-2.b"

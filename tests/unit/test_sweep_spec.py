@@ -268,7 +268,9 @@ INVALID = [
     ({"base": "no/such/config.yaml"}, "'base': config file no/such/config.yaml not found"),
     ({"overrides": {"train.nope": 3}}, "sweep field 'overrides'"),
     ({"overrides": ["train.steps=3"]}, "'overrides': expected a mapping"),
-    ({"name": "a/b"}, "'name': must be a non-empty string without '/'"),
+    ({"name": "a/b"}, "'name': name 'a/b': use letters, digits"),
+    ({"name": ".."}, "'name': name '..': use letters, digits"),
+    ({"name": "."}, "'name': name '.': use letters, digits"),
     # the trainer would never report the metric / ASHA could never act
     ({"overrides": {"eval.pairs": []}}, "'tune.metric': 'accuracy' comes from verification"),
     ({"overrides": {"data.num_pairs": 0}}, "the synthetic set has no pairs"),

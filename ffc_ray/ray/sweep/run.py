@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ffc_ray.config import ConfigError
+from ffc_ray.config import ConfigError, check_name
 from ffc_ray.ray.start import start_ray
 from ffc_ray.ray.sweep.experiment import (
     experiment_dir,
@@ -58,9 +58,7 @@ def run_sweep(
 
     t0 = time.time()
     if name is not None:
-        if not name or "/" in name:
-            raise ConfigError(f"sweep name {name!r}: must be non-empty, without '/'")
-        spec = dataclasses.replace(spec, name=name)
+        spec = dataclasses.replace(spec, name=check_name(name, "sweep name"))
     spec = resolve_spec_paths(spec)
     preflight(spec)
     exp_dir = experiment_dir(spec, storage)

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from ffc_ray.config import Config, ConfigError, load_config
+from ffc_ray.config import Config, ConfigError, check_name, load_config
 
 #: Metrics every training run reports (rank 0, through ray.train.report). Sweeps may optimise any.
 REPORTED_METRICS: dict[str, str] = {
@@ -344,8 +344,10 @@ def parse_sweep(
 
     tune = _parse_tune(data.get("tune") or {})
     name = data.get("name") or (path.stem if path is not None else "sweep")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise _err("name", f"must be a non-empty string without '/', got {name!r}")
+    try:
+        check_name(name, "name")
+    except ConfigError as exc:
+        raise _err("name", str(exc)) from None
     spec = SweepSpec(
         name=name,
         path=path,

@@ -395,6 +395,8 @@ def validate(cfg: Config) -> None:
         raise _err("data.shards", f"{d.shards} is not a multiple of the {workers} worker(s)")
     if d.shards is not None and d.shards > workers and h.type != "ffc":
         raise _err("data.shards", "more shards than workers (data-parallel emulation): ffc only")
+    # L-Softmax needs unnormalised class weights and AdaptiveFace learns one margin per fixed
+    # class; a pool slot changes identity, so neither works on the FFC pool (nor Partial FC)
     if h.margin_type in ("lsoftmax", "adaptiveface") and h.type != "fc":
         raise _err(
             "head.margin_type", f"{h.margin_type} needs learned class weights: head.type fc only"

@@ -44,9 +44,6 @@ from ffc_ray.registry import HEADS
 
 log = logging.getLogger(__name__)
 
-#: margins that cannot work on a dynamic pool: L-Softmax needs unnormalised class weights,
-#: AdaptiveFace learns one margin per fixed class, but a pool slot changes identity.
-
 ArrayLike = torch.Tensor | np.ndarray
 
 

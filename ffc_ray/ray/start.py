@@ -32,6 +32,11 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOL
 DASHBOARD_HOST = "127.0.0.1"
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster this process is connected to."""
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
 def dashboard_available() -> bool:
     """Whether ``ray[default]`` (the dashboard and its State API) is installed."""
     return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "opencensus"))

@@ -28,7 +28,7 @@ from ffc_ray.ray.run_dir import (
     storage_location,
     storage_root,
 )
-from ffc_ray.ray.start import start_ray
+from ffc_ray.ray.start import cluster_cpus, start_ray
 from ffc_ray.ray.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,6 @@ def default_run_name(cfg: Config, config_path: str | Path | None = None) -> str:
     if config_path is not None:
         return Path(config_path).stem
     return f"ffc_ray-{cfg.head.type}"
-
-
-def cluster_cpus() -> float:
-    """The CPUs of the Ray cluster this process is connected to."""
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0.0))
 
 
 def build_torch_trainer(

@@ -310,6 +310,20 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple:
     return cfg, run_dir, run_uri, actor, rank, world, _worker_device(cfg)
 
 
+@dataclass
+class _Worker:
+    """What one worker's callbacks and its end share."""
+
+    cfg: Config
+    data: WorkerData
+    logger: RunLogger
+    actor: Any
+    run_dir: Path
+    run_uri: str | None
+    rank: int
+    world: int
+
+
 class _Prefetch(Callback):
     """Start the pool actor's plan of the coming step (rank 0 asks, every rank gets the
     slots): the round trip overlaps the EMA and G-Net forward."""
@@ -367,20 +381,6 @@ class _Report(Callback):
 
             ray.train.report(report)
         w.logger.flush()
-
-
-@dataclass
-class _Worker:
-    """What one worker's callbacks and its end share."""
-
-    cfg: Config
-    data: WorkerData
-    logger: RunLogger
-    actor: Any
-    run_dir: Path
-    run_uri: str | None
-    rank: int
-    world: int
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:

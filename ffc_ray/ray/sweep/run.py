@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ffc_ray.config import ConfigError, check_name
-from ffc_ray.ray.start import start_ray
+from ffc_ray.ray.start import cluster_cpus, start_ray
 from ffc_ray.ray.sweep.experiment import (
     experiment_dir,
     experiment_uri,
@@ -98,7 +98,6 @@ def run_sweep(
 
     start_ray(address, num_cpus, log_to_driver, need_dashboard=True)
     from ffc_ray.preflight import check_data_cpus
-    from ffc_ray.ray.train import cluster_cpus
 
     concurrent = int(spec.tune.max_concurrent or 1)
     check_data_cpus(spec.base, cluster_cpus(), concurrent, float(spec.tune.trial_cpus))

@@ -66,7 +66,7 @@ def run_one(method: str, n: int, fixed_c: int, steps: int, seed: int = 0) -> dic
     import torch
 
     from ffc_ray.config import Config
-    from ffc_ray.registry import HEADS
+    from ffc_ray.heads import build_head
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -83,7 +83,7 @@ def run_one(method: str, n: int, fixed_c: int, steps: int, seed: int = 0) -> dic
             over["pool.capacity"] = min(fixed_c, n)
     cfg = Config().with_overrides(over)
     base = _rss_bytes()
-    head = HEADS.build(cfg.head.type, cfg, n)
+    head = build_head(cfg, n)
     opt = None
     params = [p for p in head.parameters() if p.requires_grad]
     if params:

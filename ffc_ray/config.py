@@ -266,11 +266,16 @@ class Config:
         """Logical data shards of a run: ``data.shards``, by default one per worker."""
         return self.data.shards or max(1, self.ray.num_workers)
 
+    @property
+    def has_pool(self) -> bool:
+        """The DCP head: a pool index (in Ray, the pool actor) and a G-Net."""
+        return self.head.type == "ffc"
+
     def check_pool_fits(self, num_identities: int) -> int:
         """Validate C against the training set; return C. Called before training starts."""
         cap = self.pool_capacity(num_identities)
         where = "pool.capacity" if self.pool.capacity is not None else "pool.fraction"
-        if self.head.type == "ffc":
+        if self.has_pool:
             need = min(self.distinct_ids_per_step(), num_identities)
             if cap < need:
                 raise _err(

@@ -25,6 +25,7 @@ import torch
 
 from ffc_ray.config import CONFIG_FILE, Config
 from ffc_ray.engine.trainer import Trainer
+from ffc_ray.heads.ffc import FFCHead
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -42,9 +43,9 @@ def tensor_checksum(*tensors: torch.Tensor) -> str:
 
 def pool_checksum(trainer: Trainer) -> str | None:
     """Checksum of the replicated pool buffers (pool, ring position, row count)."""
-    if not trainer.is_ffc:
-        return None
     h = trainer.head
+    if not isinstance(h, FFCHead):
+        return None
     return tensor_checksum(h.pool, h.ring_pos, h.row_count)
 
 

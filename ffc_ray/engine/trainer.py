@@ -1,28 +1,15 @@
-"""The train step for every head, in pure torch; used alone and inside each Ray Train worker.
+"""One worker's training state and optimiser step for every head, in pure torch; used alone and
+inside each Ray Train worker.
 
-FFC step (F2C, arXiv 2105.10375; official ``FFC.forward``, docs/reference.md 1.3):
-
-1. G-Net <- EMA of P-Net (once per step);
-2. G-Net features of both views under ``no_grad`` (train-mode BN, as the official code), passed
-   through the ``gather`` hook (all-gather across workers, rank order; identity in one process);
-3. ONE ``plan`` call with this worker's four label arrays (trial gallery y, trial probes x,
-   commit gallery x, commit probes y) -> :class:`~ffc_ray.pool.index.StepSlots` for the
-   gathered galleries and this worker's probes (a local ``PoolIndex`` here; in Ray the pool
-   actor, whose planner gathers every rank's labels once per step);
-4. pass A (trial; skipped when ``head.symmetric`` is false): P(x) probes, write G(y) into the
-   pool, loss, backward, restore the pool rows;
-5. pass B (commit): P(y) probes, write G(x) for good, loss, backward;
-6. clip, optimiser step, lr schedule step.
-
-Writes happen before the logits are taken and restores after ``backward``, so no tensor saved
-by autograd is ever modified in place. fc / partial_fc / triplet: one forward of the P-Net on
-cat(x, y), the head's loss, backward, step, ``head.extra_step(lr)``.
+A step: ``zero_grad``; the head's step strategy (``head.step_class``: the forward passes and
+backward, e.g. :class:`~ffc_ray.heads.base.PlainStep` for fc / partial_fc / triplet,
+:class:`~ffc_ray.heads.pool_step.PoolStep` for the DCP head); the average of replicated head
+gradients across workers; clip; optimiser step; lr schedule step; ``head.extra_step(lr)``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 import time
@@ -36,10 +23,10 @@ from torch import nn
 
 from ffc_ray.config import Config
 from ffc_ray.data.transforms import to_tensor_batch
-from ffc_ray.engine.ema import ema_update
 from ffc_ray.engine.schedule import build_scheduler
-from ffc_ray.heads.base import upcast
-from ffc_ray.registry import HEADS
+from ffc_ray.heads import build_head
+from ffc_ray.heads.base import StepContext
+from ffc_ray.models import build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +61,8 @@ def _labels_np(a: Any) -> np.ndarray:
 
 
 class Trainer:
-    """P-Net (+ G-Net and pool for ffc), head, optimiser, schedule and AMP for one worker.
+    """P-Net, head and its step (the G-Net and pool index for ffc), optimiser, schedule and
+    AMP for one worker.
 
     ``gather(features)`` all-gathers gallery features in rank order (default: identity);
     ``plan(trial_gallery, trial_probe, commit_gallery, commit_probe) -> StepSlots`` takes this
@@ -93,14 +81,10 @@ class Trainer:
         plan: PlanFn | None = None,
         ddp_wrap: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
-        from ffc_ray.models import build_backbone
-
         self.cfg = cfg
         self.num_classes = int(num_classes)
         self.device = torch.device(device)
-        self.is_ffc = cfg.head.type == "ffc"
         self.step = 0
-        self.gather = gather or _identity_gather
         self.dtype = getattr(torch, cfg.train.dtype)  # float32, or float64 for numerical checks
         self.amp_dtype = resolve_amp(cfg.train.amp, self.device, cfg.train.dtype)
 
@@ -108,22 +92,19 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
             self.pnet = build_backbone(cfg.model, cfg.data.image_size).to(self.device, self.dtype)
-            head = HEADS.build(cfg.head.type, cfg, self.num_classes)
-            self.head = head.to(self.device, self.dtype)
+            self.head = build_head(cfg, self.num_classes).to(self.device, self.dtype)
         self.pnet.train()
-        self.gnet: nn.Module | None = None
-        self.index = None
-        self._plan = plan
-        if self.is_ffc:
-            self.gnet = copy.deepcopy(self.pnet)
-            for prm in self.gnet.parameters():
-                prm.requires_grad_(False)
-            self.gnet.train()  # official: batch-statistics BN inside no_grad
-            if plan is None:
-                from ffc_ray.pool.index import PoolIndex
-
-                self.index = PoolIndex(self.head.capacity, cfg.pool.policy)
+        ctx = StepContext(
+            pnet=self.pnet,
+            forward=self.pnet,
+            backward=self._backward,
+            autocast=self._autocast,
+            gather=gather or _identity_gather,
+            plan=plan,
+        )
+        self.head_step = self.head.step_class(self.head, ctx, cfg)  # copies the P-Net (G-Net)
         self.pnet_fwd = ddp_wrap(self.pnet) if ddp_wrap is not None else self.pnet
+        ctx.forward = self.pnet_fwd  # wrapped after the copy: the G-Net stays a plain module
 
         self.params = [p for p in self.pnet.parameters() if p.requires_grad]
         self.head_params = [p for p in self.head.parameters() if p.requires_grad]
@@ -147,13 +128,6 @@ class Trainer:
                 weight_decay=o.weight_decay,
             )
         return torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay)
-
-    def _plan_slots(self, tg: np.ndarray, tp: np.ndarray, cg: np.ndarray, cp: np.ndarray) -> Any:
-        if self._plan is not None:
-            return self._plan(tg, tp, cg, cp)
-        from ffc_ray.pool.index import plan_step
-
-        return plan_step(self.index, tg, tp, cg, cp)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -191,6 +165,16 @@ class Trainer:
 
     # ---- the step -------------------------------------------------------------------------
     @property
+    def gnet(self) -> nn.Module | None:
+        """The G-Net (EMA of the P-Net) of a head step that keeps one, else None."""
+        return getattr(self.head_step, "gnet", None)
+
+    @property
+    def index(self) -> Any:
+        """The local pool index of a head step that keeps one (one process), else None."""
+        return getattr(self.head_step, "index", None)
+
+    @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -205,10 +189,7 @@ class Trainer:
             )
         lr = self.lr
         self.optimizer.zero_grad(set_to_none=True)
-        if self.is_ffc:
-            metrics = self._ffc_step(xt, lx_np, yt, ly_np)
-        else:
-            metrics = self._plain_step(xt, lx_np, yt, ly_np)
+        metrics = self.head_step(xt, lx_np, yt, ly_np)
         if self._sync_head:
             self._average_head_grads()
         self.scaler.unscale_(self.optimizer)
@@ -226,67 +207,6 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         metrics.update(lr=lr, step_time=dt, images_per_s=(len(xt) + len(yt)) / max(dt, 1e-9))
-        return metrics
-
-    def _plain_step(
-        self, x: torch.Tensor, lx: np.ndarray, y: torch.Tensor, ly: np.ndarray
-    ) -> dict[str, float]:
-        labels = torch.from_numpy(np.concatenate([lx, ly])).to(self.device)
-        with self._autocast():
-            emb = self.pnet_fwd(torch.cat([x, y]))
-        out = self.head(upcast(emb), labels)
-        self._backward(out.loss)
-        return {"loss": float(out.loss.detach()), **{k: float(v) for k, v in out.metrics.items()}}
-
-    def _ffc_step(
-        self, x: torch.Tensor, lx: np.ndarray, y: torch.Tensor, ly: np.ndarray
-    ) -> dict[str, float]:
-        assert self.gnet is not None
-        head = self.head
-        symmetric = head.symmetric
-        ema_update(self.gnet, self.pnet, self.cfg.pool.momentum, self.cfg.pool.ema_buffers)
-        with torch.no_grad(), self._autocast():
-            gy = upcast(self.gnet(y)) if symmetric else None
-            gx = upcast(self.gnet(x))
-        empty = np.empty(0, dtype=np.int64)
-        if gy is not None:
-            gy = self.gather(gy)
-        gx = self.gather(gx)
-        trial = (ly, lx) if symmetric else (empty, empty)
-        slots = self._plan_slots(*trial, lx, ly)
-
-        outs = []
-        if symmetric:
-            assert gy is not None
-            sync_off = getattr(self.pnet_fwd, "no_sync", None)
-            with sync_off() if callable(sync_off) else contextlib.nullcontext():
-                with self._autocast():
-                    px = self.pnet_fwd(x)
-                undo = head.write(gy, slots.trial_gallery, slots.trial_new)
-                out_a = head.loss(
-                    px, slots.trial_probe, head.hit_slots(slots.trial_gallery, slots.trial_new)
-                )
-                self._backward(out_a.loss)
-                head.restore(undo)
-            outs.append((float(out_a.loss.detach()), out_a.metrics))
-            del px, out_a
-        with self._autocast():
-            py = self.pnet_fwd(y)
-        head.write(gx, slots.commit_gallery, slots.commit_new)
-        out_b = head.loss(
-            py, slots.commit_probe, head.hit_slots(slots.commit_gallery, slots.commit_new)
-        )
-        self._backward(out_b.loss)
-        outs.append((float(out_b.loss.detach()), out_b.metrics))
-        # losses add up over the passes (loss = A + B); the other metrics are pass averages
-        metrics = {k: float(np.mean([m[k] for _, m in outs if k in m])) for k in outs[-1][1]}
-        for k in ("loss_pos", "loss_neg", "num_pos", "num_neg"):
-            metrics[k] = float(sum(m.get(k, 0.0) for _, m in outs))
-        metrics.update(
-            loss=float(sum(v for v, _ in outs)),
-            occupancy=float(slots.occupancy),
-            evictions=float(slots.evictions),
-        )
         return metrics
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -316,12 +236,11 @@ class Trainer:
         return {
             "step": self.step,
             "pnet": self.pnet.state_dict(),
-            "gnet": self.gnet.state_dict() if self.gnet is not None else None,
             "head": self.head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "index": self.index.state_dict() if self.index is not None else None,
+            **self.head_step.state_dict(),  # gnet and index (None for a stateless step)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -329,17 +248,10 @@ class Trainer:
         if missing:
             raise KeyError(f"Trainer.load_state_dict: checkpoint lacks {', '.join(missing)}")
         self.pnet.load_state_dict(state["pnet"])
-        if self.gnet is not None:
-            if state.get("gnet") is None:
-                raise KeyError("Trainer.load_state_dict: ffc checkpoint lacks 'gnet'")
-            self.gnet.load_state_dict(state["gnet"])
+        self.head_step.load_state_dict(state)
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if self.index is not None:
-            if state.get("index") is None:
-                raise KeyError("Trainer.load_state_dict: ffc checkpoint lacks 'index'")
-            self.index.load_state_dict(state["index"])
         self.step = int(state["step"])

@@ -70,16 +70,21 @@ class FullFC(Head):
     batch), ``loss_extra`` (MagFace / AdaptiveFace regulariser, when the margin has one).
     """
 
-    def __init__(self, cfg: Config, num_classes: int) -> None:
+    def __init__(self, num_classes: int, embedding_dim: int, margin: Margin) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"fc head: num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
-        self.embedding_dim = int(cfg.model.embedding_dim)
+        self.embedding_dim = int(embedding_dim)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim))
         nn.init.normal_(self.weight, 0.0, 0.01)
-        self.margin = build_margin(cfg.head, self.num_classes)
+        self.margin = margin
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int) -> FullFC:
+        """The head of ``cfg`` (``head`` for the margin, ``model.embedding_dim``)."""
+        return cls(num_classes, cfg.model.embedding_dim, build_margin(cfg.head, num_classes))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes, "fc head")

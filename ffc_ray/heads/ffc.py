@@ -40,6 +40,8 @@ from torch import nn
 
 from ffc_ray.config import Config
 from ffc_ray.heads.base import Head, HeadOutput, upcast
+from ffc_ray.heads.margins import build_margin
+from ffc_ray.heads.pool_step import PoolStep
 from ffc_ray.registry import HEADS
 
 log = logging.getLogger(__name__)
@@ -131,37 +133,69 @@ def plan_ring_writes(
 class FFCHead(Head):
     """The DCP head: pool buffers, ring writes with undo, and the positive + negative loss.
 
-    ``margin`` may be injected (tests); by default it is built from ``cfg.head`` by
-    :func:`ffc_ray.heads.margins.build_margin`.
+    ``capacity`` C pool identities of ``k_per_id`` rows of ``embedding_dim`` floats, initialised
+    from ``seed``; ``margin`` scores the C columns (any margin but the FC-only ones);
+    ``top_k``, ``k_mode``, ``neg_loss`` and ``symmetric`` as in ``HeadConfig``.
+    :meth:`from_config` builds it from a run's config. Its step is :class:`PoolStep`.
     """
 
-    def __init__(self, cfg: Config, num_classes: int, margin: nn.Module | None = None) -> None:
-        super().__init__()
-        h = cfg.head
-        # the margin and the pool size were checked before the run (config.validate for the
-        # margin, ffc_ray.preflight.check_run for the pool)
-        self.capacity = int(cfg.pool_capacity(num_classes))
-        self.k_per_id = int(h.k_per_id)
-        self.top_k = int(h.resolved_top_k(self.capacity))
-        self.k_mode = h.k_mode
-        self.neg_loss = h.neg_loss
-        self.symmetric = bool(h.symmetric)
-        self.embedding_dim = int(cfg.model.embedding_dim)
-        if margin is None:
-            from ffc_ray.heads.margins import build_margin
+    step_class = PoolStep
 
-            margin = build_margin(h, self.capacity)
+    def __init__(
+        self,
+        capacity: int,
+        embedding_dim: int,
+        margin: nn.Module,
+        *,
+        k_per_id: int = 2,
+        top_k: int = 3,
+        k_mode: str = "ring",
+        neg_loss: str = "topk",
+        symmetric: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
         if getattr(margin, "fc_only", False):
-            raise ValueError(f"config field 'head.margin_type': {h.margin_type!r} is FC-only")
+            name = type(margin).__name__
+            raise ValueError(f"config field 'head.margin_type': {name} is FC-only")
+        self.capacity = int(capacity)
+        self.k_per_id = int(k_per_id)
+        self.top_k = min(int(top_k), self.capacity)
+        self.k_mode = k_mode
+        self.neg_loss = neg_loss
+        self.symmetric = bool(symmetric)
+        self.embedding_dim = int(embedding_dim)
         self.margin = margin
 
-        gen = torch.Generator().manual_seed(int(cfg.train.seed))
+        gen = torch.Generator().manual_seed(int(seed))
         pool = torch.rand(self.k_per_id, self.capacity, self.embedding_dim, generator=gen)
         self.register_buffer("pool", F.normalize(pool, dim=2))
         self.register_buffer("ring_pos", torch.zeros(self.capacity, dtype=torch.int64))
         self.register_buffer("row_count", torch.zeros(self.capacity, dtype=torch.int64))
         # optimiser steps taken, for the margin's schedule (SphereFace); kept in checkpoints
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int, margin: nn.Module | None = None) -> FFCHead:
+        """The head of ``cfg`` (``head``, ``pool`` for C, ``model.embedding_dim``,
+        ``train.seed``); ``margin`` overrides the one ``head.margin_type`` names (tests). The
+        margin and the pool size were checked before the run (``config.validate`` and
+        :func:`ffc_ray.preflight.check_run`)."""
+        h = cfg.head
+        capacity = int(cfg.pool_capacity(num_classes))
+        if margin is None:
+            margin = build_margin(h, capacity)
+        return cls(
+            capacity,
+            cfg.model.embedding_dim,
+            margin,
+            k_per_id=h.k_per_id,
+            top_k=h.resolved_top_k(capacity),
+            k_mode=h.k_mode,
+            neg_loss=h.neg_loss,
+            symmetric=h.symmetric,
+            seed=cfg.train.seed,
+        )
 
     # ---- pool writes --------------------------------------------------------------------
     def _as_index(self, a: ArrayLike | None) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor
 from ffc_ray.config import Config, ConfigError
 from ffc_ray.heads.base import Head, HeadOutput, upcast
 from ffc_ray.heads.fc import check_batch, fp32, margin_logits
-from ffc_ray.heads.margins import build_margin
+from ffc_ray.heads.margins import Margin, build_margin
 from ffc_ray.registry import HEADS
 
 log = logging.getLogger(__name__)
@@ -50,26 +50,31 @@ class PartialFC(Head):
     same (globally gathered) batch.
     """
 
-    def __init__(self, cfg: Config, num_classes: int) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        margin: Margin,
+        *,
+        sample_rate: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"partial_fc head: num_classes must be >= 1, got {num_classes}")
-        o = cfg.optim
-        if o.name != "sgd":
-            raise ConfigError(
-                f"config field 'optim.name': partial_fc updates its sampled rows with SGD "
-                f"(momentum / weight_decay / nesterov from optim); {o.name!r} is not supported"
-            )
-        if o.nesterov and o.momentum <= 0:
+        if nesterov and momentum <= 0:
             raise ConfigError("config field 'optim.nesterov': nesterov needs optim.momentum > 0")
         self.num_classes = int(num_classes)
-        self.embedding_dim = int(cfg.model.embedding_dim)
-        self.sample_rate = float(cfg.head.sample_rate)
+        self.embedding_dim = int(embedding_dim)
+        self.sample_rate = float(sample_rate)
         self.num_sample = int(self.sample_rate * self.num_classes)
-        self.momentum = float(o.momentum)
-        self.weight_decay = float(o.weight_decay)
-        self.nesterov = bool(o.nesterov)
-        self.seed = int(cfg.train.seed)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.nesterov = bool(nesterov)
+        self.seed = int(seed)
         self.register_buffer("weight", torch.empty(self.num_classes, self.embedding_dim))
         torch.nn.init.normal_(self.weight, 0.0, 0.01)
         if self.momentum > 0:
@@ -77,9 +82,30 @@ class PartialFC(Head):
         else:
             self.register_buffer("weight_momentum", None)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.margin = build_margin(cfg.head, self.num_classes)
+        self.margin = margin
         self._index: Tensor | None = None
         self._sampled: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int) -> PartialFC:
+        """The head of ``cfg``: ``head`` (margin, ``sample_rate``), the SGD settings of ``optim``
+        for its rows, ``model.embedding_dim`` and ``train.seed``."""
+        o = cfg.optim
+        if o.name != "sgd":
+            raise ConfigError(
+                f"config field 'optim.name': partial_fc updates its sampled rows with SGD "
+                f"(momentum / weight_decay / nesterov from optim); {o.name!r} is not supported"
+            )
+        return cls(
+            num_classes,
+            cfg.model.embedding_dim,
+            build_margin(cfg.head, num_classes),
+            sample_rate=cfg.head.sample_rate,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            nesterov=o.nesterov,
+            seed=cfg.train.seed,
+        )
 
     # ---- sampling ----------------------------------------------------------------------------
     def sample(self, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -33,17 +33,23 @@ def squared_distances(emb: Tensor) -> Tensor:
 
 @HEADS.register("triplet")
 class TripletHead(Head):
-    """Triplet loss head; ``num_classes`` is accepted for the common head signature and unused.
+    """Triplet loss head with margin ``margin`` (alpha) on squared distances of unit embeddings.
 
     Metrics: ``loss``, ``active_fraction`` (valid triplets with a positive loss),
     ``num_triplets`` (valid anchor-positive pairs), ``no_positive_pairs`` (1.0 when the batch has
     no two images of one identity: the loss is then 0, still attached to the graph).
     """
 
-    def __init__(self, cfg: Config, num_classes: int) -> None:
+    def __init__(self, embedding_dim: int, margin: float = 0.2) -> None:
         super().__init__()
-        self.embedding_dim = int(cfg.model.embedding_dim)
-        self.margin = float(cfg.head.triplet_margin)
+        self.embedding_dim = int(embedding_dim)
+        self.margin = float(margin)
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int) -> TripletHead:
+        """The head of ``cfg`` (``head.triplet_margin``, ``model.embedding_dim``);
+        ``num_classes`` is unused (no class weights)."""
+        return cls(cfg.model.embedding_dim, cfg.head.triplet_margin)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
         check_batch(embeddings, labels, self.embedding_dim, None, "triplet head")

@@ -141,7 +141,7 @@ def run_training(
         prepare_local_run(cfg, run_dir, name)
 
     actor = None
-    if cfg.head.type == "ffc":
+    if cfg.has_pool:
         from ffc_ray.pool.actor import create_pool_actor
 
         actor = create_pool_actor(name, capacity, cfg.pool.policy)

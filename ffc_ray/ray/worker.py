@@ -164,12 +164,11 @@ def build_worker_trainer(
     head gradients itself (one all-reduce per head parameter and step). A worker holding
     several logical data shards forwards each shard's block alone (BatchNorm per block, as
     separate workers): the data-parallel emulation of the equivalence tests (ffc only)."""
-    is_ffc = cfg.head.type == "ffc"
-    if is_ffc and actor is None:
+    if cfg.has_pool and actor is None:
         raise RuntimeError("train_loop_per_worker: the ffc head needs the pool actor handle")
     ghost = len(data.shard_ids)  # logical shards on this worker (> 1: data-parallel emulation)
     planner = None
-    if is_ffc:
+    if cfg.has_pool:
         planner = rdist.ActorPlanner(actor, symmetric=cfg.head.symmetric)
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -201,7 +200,7 @@ def _restore(
     ckpt = ray.train.get_checkpoint()
     info: dict[str, Any] = {}
     if ckpt is None:
-        if trainer.is_ffc and rank == 0:
+        if actor is not None and rank == 0:
             ray.get(actor.reset.remote())
     else:
         with ckpt.as_directory() as d:
@@ -223,7 +222,7 @@ def _restore(
             "ckpt_index_checksum": meta.get("index_checksum"),
             "path": str(ckpt.path),
         }
-        if trainer.is_ffc and rank == 0:
+        if actor is not None and rank == 0:
             loaded = ray.get(actor.load_state.remote(state["index"], int(state["step"])))
             if meta.get("index_checksum") not in (None, loaded):
                 raise RuntimeError(
@@ -454,7 +453,7 @@ def _report_with_checkpoint(report: dict[str, Any], trainer: Any, w: _Worker) ->
         checkpoint = None
         if w.rank == 0:
             index_state, index_sum = None, None
-            if trainer.is_ffc:
+            if w.actor is not None:
                 index_state, actor_step = ray.get(w.actor.get_state.remote())
                 if actor_step != trainer.step:
                     raise rdist.PoolActorLost(

@@ -296,3 +296,33 @@ def test_train_step_rejects_mismatched_labels():
     x, lx, y, ly = make_batch(0, cfg)
     with pytest.raises(ValueError, match="labels"):
         tr.train_step(x, lx[:3], y, ly)
+
+
+def test_the_trainer_runs_the_step_strategy_its_head_declares(monkeypatch):
+    """A head registered from outside brings its own step class; the Trainer calls it between
+    zero_grad and the optimiser step and keeps its state in the checkpoint."""
+    from ffc_ray.heads import FullFC
+    from ffc_ray.heads.base import PlainStep
+    from ffc_ray.registry import HEADS
+
+    calls = []
+
+    class CountingStep(PlainStep):
+        def __call__(self, x, lx, y, ly):
+            calls.append((len(x), len(lx), len(y), len(ly)))
+            return super().__call__(x, lx, y, ly)
+
+        def state_dict(self):
+            return {"gnet": None, "index": {"calls": len(calls)}}
+
+    class CountingFC(FullFC):
+        step_class = CountingStep
+
+    monkeypatch.setitem(HEADS._entries, "counting_fc", CountingFC)  # as @HEADS.register does
+    cfg = tiny_cfg("counting_fc")  # a registered name passes validation
+    tr = Trainer(cfg, NUM_IDS, "cpu")
+    before = tr.head.weight.detach().clone()
+    tr.train_step(*make_batch(0, cfg))
+    assert calls == [(8, 8, 8, 8)]
+    assert not torch.equal(tr.head.weight, before)  # the optimiser stepped the head
+    assert tr.state_dict()["index"] == {"calls": 1} and tr.gnet is None

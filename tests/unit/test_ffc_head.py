@@ -140,7 +140,9 @@ def rand_feats(n, seed):
 
 
 def test_ring_write_hand_checked_k2():
-    head = FFCHead(make_cfg(capacity=4, k_per_id=2), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
+    head = FFCHead.from_config(
+        make_cfg(capacity=4, k_per_id=2), 50, margin=ClosedFormMargin("cosface", 0.1, 8)
+    )
     g = rand_feats(12, 0)
     n = F.normalize(g, dim=1)
     # call 1: slot 0 new then hit; slots 1 and 2 new
@@ -181,7 +183,9 @@ def test_plan_keeps_only_the_last_write_per_row_and_slot():
 
 
 def test_ring_write_hand_checked_k3_wraps():
-    head = FFCHead(make_cfg(capacity=4, k_per_id=3), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
+    head = FFCHead.from_config(
+        make_cfg(capacity=4, k_per_id=3), 50, margin=ClosedFormMargin("cosface", 0.1, 8)
+    )
     g = rand_feats(6, 1)
     n = F.normalize(g, dim=1)
     head.write(g[0:1], [1], [True])  # row 0
@@ -194,7 +198,7 @@ def test_ring_write_hand_checked_k3_wraps():
 
 def test_write_matches_naive_on_random_sequences():
     for k in (1, 2, 3):
-        head = FFCHead(
+        head = FFCHead.from_config(
             make_cfg(capacity=5, k_per_id=k), 50, margin=ClosedFormMargin("cosface", 0.1, 8)
         )
         naive = NaivePool(head.pool)
@@ -214,7 +218,9 @@ def test_write_matches_naive_on_random_sequences():
 
 
 def test_trial_write_restore_is_bit_identical():
-    head = FFCHead(make_cfg(capacity=6, k_per_id=2), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
+    head = FFCHead.from_config(
+        make_cfg(capacity=6, k_per_id=2), 50, margin=ClosedFormMargin("cosface", 0.1, 8)
+    )
     head.write(rand_feats(5, 2), [0, 1, 2, 0, 3], [True, True, True, False, True])
     before = {k: v.clone() for k, v in head.state_dict().items()}
     undo = head.write(
@@ -227,7 +233,7 @@ def test_trial_write_restore_is_bit_identical():
 
 
 def test_write_rejects_bad_slots():
-    head = FFCHead(make_cfg(capacity=4), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
+    head = FFCHead.from_config(make_cfg(capacity=4), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
     with pytest.raises(ValueError, match="slots"):
         head.write(rand_feats(2, 0), [0, 4], [True, True])
     with pytest.raises(ValueError, match="disagree"):
@@ -253,7 +259,7 @@ def test_two_pass_loss_matches_naive(k_mode, neg_loss, kind, k):
         margin=m,
         scale=s,
     )
-    head = FFCHead(cfg, 50, margin=ClosedFormMargin(kind, m, s))
+    head = FFCHead.from_config(cfg, 50, margin=ClosedFormMargin(kind, m, s))
     naive = NaivePool(head.pool)
     mfn = margin_fn_for(kind, m, s)
     # earlier step: a committed pool with some returning identities
@@ -312,7 +318,9 @@ def test_two_pass_loss_matches_naive(k_mode, neg_loss, kind, k):
 def test_ring_k2_equals_official_two_matrices():
     """K = 2 ring mode: set 1 = row 0 everywhere, set 2 = row 1 for re-seen columns only."""
     s, m = 8.0, 0.1
-    head = FFCHead(make_cfg(capacity=5, k_per_id=2), 50, margin=ClosedFormMargin("cosface", m, s))
+    head = FFCHead.from_config(
+        make_cfg(capacity=5, k_per_id=2), 50, margin=ClosedFormMargin("cosface", m, s)
+    )
     head.write(rand_feats(4, 20), [0, 1, 2, 3], [True] * 4)
     head.write(rand_feats(2, 21), [1, 2], [False, False])  # 1, 2 re-seen: row 1 valid
     p = rand_feats(3, 22)
@@ -332,7 +340,7 @@ def test_pool_as_classifier_when_every_identity_is_present():
     """C >= N and all identities in the pool: the DCP positive loss is a margin softmax (CosFace
     closed form) against a classifier whose rows are the written gallery features."""
     n_ids, s, m = 5, 16.0, 0.2
-    head = FFCHead(
+    head = FFCHead.from_config(
         make_cfg(capacity=6, k_per_id=1, margin_type="cosface", margin=m, scale=s), 50
     )  # real margin module from the registry
     gal = rand_feats(6, 30)
@@ -351,7 +359,9 @@ def test_pool_as_classifier_when_every_identity_is_present():
 
 def test_pool_as_classifier_arcface_real_margin():
     n_ids, s, m = 4, 16.0, 0.2
-    head = FFCHead(make_cfg(capacity=4, k_per_id=1, margin_type="arcface", margin=m, scale=s), 50)
+    head = FFCHead.from_config(
+        make_cfg(capacity=4, k_per_id=1, margin_type="arcface", margin=m, scale=s), 50
+    )
     gal = rand_feats(4, 40)
     head.write(gal, np.arange(n_ids), np.ones(n_ids, bool))
     probes = rand_feats(6, 41)
@@ -364,7 +374,7 @@ def test_pool_as_classifier_arcface_real_margin():
 
 
 def test_empty_row_sets_give_zero_with_graph():
-    head = FFCHead(make_cfg(capacity=4), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
+    head = FFCHead.from_config(make_cfg(capacity=4), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
     p = rand_feats(3, 50).requires_grad_(True)
     out = head.loss(p, [-1, -1, -1])
     assert out.metrics["loss_pos"] == 0.0 and out.metrics["num_neg"] == 3
@@ -378,7 +388,9 @@ def test_empty_row_sets_give_zero_with_graph():
 
 
 def test_engine_order_has_no_inplace_autograd_errors_and_misuse_is_caught():
-    head = FFCHead(make_cfg(capacity=6, k_per_id=2), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
+    head = FFCHead.from_config(
+        make_cfg(capacity=6, k_per_id=2), 50, margin=ClosedFormMargin("cosface", 0.1, 8)
+    )
     head.write(rand_feats(3, 60), [0, 1, 2], [True] * 3)
     p = rand_feats(4, 61).requires_grad_(True)
     undo = head.write(rand_feats(3, 62), [0, 3, 0], [False, True, False])
@@ -397,18 +409,20 @@ def test_engine_order_has_no_inplace_autograd_errors_and_misuse_is_caught():
 
 def test_rejects_margins_that_need_class_weights():
     with pytest.raises(ValueError, match="head.margin_type"):  # refused when the config is built
-        FFCHead(make_cfg(margin_type="adaptiveface"), 50)
+        FFCHead.from_config(make_cfg(margin_type="adaptiveface"), 50)
     fc_only = ClosedFormMargin("cosface", 0.1, 8)
     fc_only.fc_only = True  # as lsoftmax and adaptiveface declare
     with pytest.raises(ValueError, match="'head.margin_type'.*FC-only"):  # an injected one
-        FFCHead(make_cfg(), 50, margin=fc_only)
+        FFCHead.from_config(make_cfg(), 50, margin=fc_only)
 
 
 def test_top_k_and_capacity_from_config():
-    head = FFCHead(make_cfg(capacity=8), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
+    head = FFCHead.from_config(make_cfg(capacity=8), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
     assert head.capacity == 8 and head.top_k == 3  # official min(max(0.0002 C, 3), 10)
     assert head.pool.shape == (2, 8, D)
     assert torch.allclose(head.pool.norm(dim=2), torch.ones(2, 8))
     assert (head.pool >= 0).all()  # positive orthant, as the official init
-    other = FFCHead(make_cfg(capacity=8), 50, margin=ClosedFormMargin("cosface", 0.1, 8))
+    other = FFCHead.from_config(
+        make_cfg(capacity=8), 50, margin=ClosedFormMargin("cosface", 0.1, 8)
+    )
     assert torch.equal(head.pool, other.pool)  # seeded

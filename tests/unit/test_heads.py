@@ -362,7 +362,7 @@ def test_triplet_semi_hard_choice_hand_made():
     # anchor 0 at 0 deg, positive at 40 deg: d_ap = 0.468; negatives at 45 deg (d=0.586, within
     # margin 0.2 -> semi-hard) and 120 deg (d=3.0, easy)
     emb = torch.tensor([v(0), v(40), v(45), v(120)])
-    head = TripletHead(make_cfg(**{"head.triplet_margin": 0.2}), 2)
+    head = TripletHead.from_config(make_cfg(**{"head.triplet_margin": 0.2}), 2)
     out = head(emb, labels)
     dap, dan = 2 - 2 * math.cos(math.radians(40)), 2 - 2 * math.cos(math.radians(45))
     losses = [dap - dan + 0.2]  # (0, 1): semi-hard 45 deg
@@ -379,7 +379,7 @@ def test_triplet_semi_hard_choice_hand_made():
 
 
 def test_triplet_without_positive_pairs_is_zero_with_grad():
-    head = TripletHead(make_cfg(), 5)
+    head = TripletHead.from_config(make_cfg(), 5)
     x = torch.randn(4, D, requires_grad=True)
     out = head(x, torch.tensor([0, 1, 2, 3]))
     assert float(out.loss.detach()) == 0.0 and out.loss.requires_grad
@@ -406,3 +406,28 @@ def test_heads_compute_in_fp32_under_autocast(head_type):
         ref = head(emb.bfloat16().float(), labels).loss
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     assert float(want) > 0
+
+
+def test_heads_take_explicit_arguments_and_from_config_maps_the_sections():
+    """The constructors need no Config; from_config reads head / optim / model / train."""
+    from ffc_ray.heads import FFCHead
+    from ffc_ray.heads.margins import ArcFace, CosFace
+
+    cfg = make_cfg(
+        **{"head.margin_type": "cosface", "head.margin": 0.3, "head.scale": 20.0, "train.seed": 3}
+    )
+    torch.manual_seed(0)
+    a = FullFC.from_config(cfg, 12)
+    torch.manual_seed(0)
+    b = FullFC(12, D, CosFace(20.0, 0.3))
+    assert torch.equal(a.weight, b.weight) and (a.margin.m, a.margin.scale) == (0.3, 20.0)
+
+    pcfg = make_cfg(**{"head.type": "partial_fc", "head.sample_rate": 0.25, "optim.momentum": 0.8})
+    pfc = PartialFC.from_config(pcfg, 40)
+    assert (pfc.num_sample, pfc.momentum, pfc.nesterov) == (10, 0.8, pcfg.optim.nesterov)
+
+    fcfg = make_cfg(**{"head.type": "ffc", "pool.capacity": 8, "head.k_per_id": 3})
+    ffc = FFCHead.from_config(fcfg, 50)
+    explicit = FFCHead(8, D, ArcFace(32.0, 0.5), k_per_id=3, top_k=3, seed=fcfg.train.seed)
+    assert torch.equal(ffc.pool, explicit.pool) and ffc.pool.shape == (3, 8, D)
+    assert TripletHead.from_config(make_cfg(**{"head.triplet_margin": 0.4}), 5).margin == 0.4

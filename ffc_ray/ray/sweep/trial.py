@@ -90,12 +90,10 @@ def head_memory_mb(cfg: Config, num_classes: int) -> float:
     """Bytes held by the classifier head (pool, or FC weight + momentum), in MiB."""
     import torch
 
-    from ffc_ray.registry import HEADS
+    from ffc_ray.heads import build_head
 
-    if cfg.head.type == "ffc":
-        import ffc_ray.heads.ffc  # noqa: F401 - registers "ffc"
     with torch.random.fork_rng(devices=[]):
-        head = HEADS.build(cfg.head.type, cfg, int(num_classes))
+        head = build_head(cfg, int(num_classes))
     return float(head.memory_bytes()) / 2**20
 
 

@@ -244,6 +244,9 @@ def paired_ratios(res: dict, c: str = "ray", b: str = "lmdb") -> list[float]:
 
 
 def bench_lmdb(store_path: Path, batch: int = 128, normalize: bool = True) -> dict:
+    import torch
+
+    from ffc_ray.data.batch import normalize as normalize_images
     from ffc_ray.data.store import read_records
     from ffc_ray.data.transforms import augment_batch, decode_records
 
@@ -257,8 +260,8 @@ def bench_lmdb(store_path: Path, batch: int = 128, normalize: bool = True) -> di
     for i in range(0, len(order), batch):
         idx = order[i : i + batch]
         s = np.arange(i, i + len(idx), dtype=np.uint64)
-        if normalize:  # exactly the single-process reader's path
-            out = decode_rows(store, idx, s, aug)
+        if normalize:  # the single-process reader's path, then the step's normalisation
+            out = normalize_images(torch.from_numpy(decode_rows(store, idx, s, aug)))
         else:
             blobs = read_records(store.path, store.keys[idx], store.shards[idx])
             out = augment_batch(decode_records(blobs, store.image_size), s, aug)
@@ -346,7 +349,6 @@ def bench_ray(
     identity_batch: int,
     concurrency: int,
     steps: int | None,
-    normalize: bool = False,
     warmup_steps: int = 4,
 ) -> dict:
     """``warmup_steps`` are streamed untimed first: 4 warm the worker processes and the LMDB
@@ -359,7 +361,7 @@ def bench_ray(
     steps = int(steps or spec.steps_per_epoch())
 
     def run(num: int) -> int:
-        kw = {"read_cpus": 1.0, "concurrency": concurrency, "normalize": normalize}
+        kw = {"read_cpus": 1.0, "concurrency": concurrency}
         n = 0
         (it,) = build_rank_dataset(spec, num, 0, **kw).streaming_split(1)  # as training does
         for b in iter_step_batches(spec, it):
@@ -385,7 +387,6 @@ def bench_ray(
         "cpu_ray_processes_s": ray_procs,
         "cpu_task_workers_s": workers,
         "cpu_ray_background_s": background,
-        "normalize_in_task": normalize,
         "ips_per_core_without_background": n / (driver + workers),
         "ips_per_core": n / cpu,
         "ips_wall": n / wall,
@@ -445,8 +446,6 @@ def run_set(name: str, folder: Path, files: list[str], box, tmp: Path, args) -> 
             for pair in pairs:
                 for key, fn in pair if i % 2 == 0 else pair[::-1]:
                     add(key, fn())
-            if i < 2:  # float32 in the task: for information, two repeats are enough
-                add("ray_float", bench_ray(*batches, 1, steps, normalize=True))
     res = {k: best(v) for k, v in runs.items()}
     print(
         f"[{name}] (a) folder read+decode+crop+resize: "
@@ -468,8 +467,7 @@ def run_set(name: str, folder: Path, files: list[str], box, tmp: Path, args) -> 
         print(
             f"[{name}] (c) ray data stream, concurrency 1: "
             f"{res['ray']['ips_per_core']:.0f} img/s/core "
-            f"({res['ray']['ips_wall']:.0f} img/s wall, {res['ray']['steps']} steps); "
-            f"float32 normalised in the task: {res['ray_float']['ips_per_core']:.0f} img/s/core",
+            f"({res['ray']['ips_wall']:.0f} img/s wall, {res['ray']['steps']} steps)",
             flush=True,
         )
         print(

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ffc_ray.data.store import FaceStore, open_store, read_records
-from ffc_ray.data.transforms import Augment, decode_augment_normalize, mix_seed, splitmix64
+from ffc_ray.data.transforms import Augment, decode_augment_chw, mix_seed, splitmix64
 from ffc_ray.data.types import FaceArrays
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: Ray Data read tasks never load it
-    import torch
+    from ffc_ray.data.batch import StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -182,35 +182,16 @@ def row_seeds(spec: StreamSpec, epoch: int, lo: int, hi: int) -> np.ndarray:
 def decode_rows(
     store: FaceStore, indices: np.ndarray, seeds: np.ndarray, aug: Augment
 ) -> np.ndarray:
-    """Read and decode image rows: float32 [B, 3, S, S] (the shared decode path)."""
+    """Read, decode and augment image rows: uint8 [B, 3, S, S] (the shared decode path)."""
     keys = store.keys[indices]
     blobs = read_records(store.path, keys, store.shards[indices])
-    return decode_augment_normalize(
+    return decode_augment_chw(
         blobs, seeds, store.image_size, aug, lambda i: store.describe_key(keys[i])
     )
 
 
 # ------------------------------------------------------------------------------------------
 # the single-process reader
-
-
-@dataclass
-class DualBatch:
-    """One step's views for one rank: x = I + III, y = II + IV (normalised float tensors),
-    their labels, and where they came from (epoch, step, image indices in the store index)."""
-
-    x: torch.Tensor
-    lx: torch.Tensor
-    y: torch.Tensor
-    ly: torch.Tensor
-    epoch: int
-    step: int
-    ix: np.ndarray
-    iy: np.ndarray
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, lx, y, ly), the arguments of ``Trainer.train_step``."""
-        return self.x, self.lx, self.y, self.ly
 
 
 class StoreDualReader:
@@ -220,25 +201,22 @@ class StoreDualReader:
     :mod:`ffc_ray.data.stream`, so its batches equal the Ray stream's.
     """
 
-    def __init__(self, spec: StreamSpec, device: torch.device | str = "cpu") -> None:
-        import torch
-
+    def __init__(self, spec: StreamSpec) -> None:
         self.spec = spec
         self.store = spec.store_handle()
-        self.device = torch.device(device)
 
     @classmethod
-    def from_config(
-        cls, cfg: Any, world_size: int = 1, rank: int = 0, device: torch.device | str = "cpu"
-    ) -> StoreDualReader:
-        return cls(StreamSpec.from_config(cfg, world_size, rank), device)
+    def from_config(cls, cfg: Any, world_size: int = 1, rank: int = 0) -> StoreDualReader:
+        return cls(StreamSpec.from_config(cfg, world_size, rank))
 
     def steps_per_epoch(self) -> int:
         return self.spec.steps_per_epoch()
 
-    def batch(self, epoch: int, step: int) -> DualBatch:
+    def batch(self, epoch: int, step: int) -> StepBatch:
         """The batch of ``step`` (0-based, within ``epoch``)."""
         import torch
+
+        from ffc_ray.data.batch import StepBatch
 
         spec = self.spec
         plan = spec.plan(epoch)
@@ -247,22 +225,22 @@ class StoreDualReader:
         x = decode_rows(self.store, ix, seeds[0], spec.augment)
         y = decode_rows(self.store, iy, seeds[1], spec.augment)
         lab = self.store.labels
-        return DualBatch(
-            torch.from_numpy(x).to(self.device),
-            torch.from_numpy(lab[ix]).to(self.device),
-            torch.from_numpy(y).to(self.device),
-            torch.from_numpy(lab[iy]).to(self.device),
+        return StepBatch(
+            torch.from_numpy(x),
+            torch.from_numpy(lab[ix]),
+            torch.from_numpy(y),
+            torch.from_numpy(lab[iy]),
             int(epoch),
             int(step),
             ix,
             iy,
         )
 
-    def epoch(self, epoch: int) -> Iterator[DualBatch]:
+    def epoch(self, epoch: int) -> Iterator[StepBatch]:
         for s in range(self.steps_per_epoch()):
             yield self.batch(epoch, s)
 
-    def iter_steps(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[DualBatch]:
+    def iter_steps(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[StepBatch]:
         """Global steps ``start_step, start_step + 1, ...`` across epochs (resume-friendly)."""
         g = int(start_step)
         while num_steps is None or g < start_step + num_steps:

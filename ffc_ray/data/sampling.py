@@ -24,17 +24,14 @@ instance epoch is ``epoch * steps_per_epoch``, so a resumed run reproduces the p
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ffc_ray.data.types import FaceArrays
-
 log = logging.getLogger(__name__)
 
-_INSTANCE, _IDENTITY, _FLIP = 0, 1, 2  # generator streams
+_INSTANCE, _IDENTITY = 0, 1  # generator streams
 
 
 @dataclass(frozen=True)
@@ -211,44 +208,3 @@ class DualSampler:
         x = np.concatenate([inst[:, :half], id1], axis=1).astype(np.int64, copy=False)
         y = np.concatenate([inst[:, half:], id2], axis=1).astype(np.int64, copy=False)
         return EpochPlan(x=x, y=y, epoch=epoch, instance_per_view=half)
-
-
-def iter_batches(
-    arrays: FaceArrays,
-    plan: EpochPlan,
-    flip: bool,
-    seed: int,
-    device: Any = "cpu",
-    start_step: int = 0,
-) -> Iterator[tuple[Any, Any, Any, Any]]:
-    """In-memory batches of a plan: ``(x, x_labels, y, y_labels)`` tensors on ``device``.
-
-    Images are normalised by :func:`ffc_ray.data.transforms.to_tensor_batch`; with ``flip`` each
-    image is mirrored with probability 0.5 (the official augmentation), the masks keyed by
-    ``(seed, plan.epoch, step)`` so resuming at ``start_step`` gives the same batches.
-    """
-    import torch  # the plan itself stays numpy-only
-
-    from ffc_ray.data.transforms import to_tensor_batch
-
-    if plan.x.size and int(max(plan.x.max(), plan.y.max())) >= len(arrays):
-        raise ValueError(
-            f"iter_batches: plan indexes image {int(max(plan.x.max(), plan.y.max()))} "
-            f"but arrays holds {len(arrays)} images"
-        )
-    if not 0 <= start_step <= plan.steps:
-        raise ValueError(f"iter_batches: start_step {start_step} outside 0..{plan.steps}")
-    v = plan.view_batch
-    for s in range(start_step, plan.steps):
-        xi, yi = plan.x[s], plan.y[s]
-        if flip:
-            mask = np.random.default_rng([int(seed), _FLIP, plan.epoch, s]).random(2 * v) < 0.5
-            fx, fy = mask[:v], mask[v:]
-        else:
-            fx = fy = None
-        yield (
-            to_tensor_batch(arrays.images[xi], fx, device),
-            torch.from_numpy(arrays.labels[xi]).to(device),
-            to_tensor_batch(arrays.images[yi], fy, device),
-            torch.from_numpy(arrays.labels[yi]).to(device),
-        )

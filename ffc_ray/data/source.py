@@ -13,6 +13,7 @@ import torch
 
 from ffc_ray import storage
 from ffc_ray.config import Config, ConfigError
+from ffc_ray.data.batch import BatchSource, StepBatch, chw_tensor
 from ffc_ray.data.types import FaceArrays
 
 
@@ -56,6 +57,97 @@ def num_training_classes(cfg: Config) -> int:
     return open_train_store(cfg).num_identities
 
 
+class SyntheticSource:
+    """Synthetic identities in memory, for a worker's logical data shards: one
+    :class:`~ffc_ray.data.sampling.DualSampler` plan per shard, flips drawn from (seed, epoch,
+    position, shard)."""
+
+    def __init__(
+        self, cfg: Config, arrays: FaceArrays, shard_ids: list[int], num_shards: int
+    ) -> None:
+        from ffc_ray.data.sampling import DualSampler
+
+        d = cfg.data
+        self.arrays, self.shard_ids, self.flip, self.seed = arrays, shard_ids, d.flip, d.seed
+        self.samplers = [
+            DualSampler(
+                arrays.labels,
+                d.instance_batch,
+                d.identity_batch,
+                seed=d.seed,
+                world_size=num_shards,
+                rank=s,
+            )
+            for s in shard_ids
+        ]
+        self.steps_per_epoch = min(int(s.steps_per_epoch()) for s in self.samplers)
+        self._epoch, self._plans = -1, []
+
+    def _plans_of(self, epoch: int) -> list[Any]:
+        if epoch != self._epoch:
+            self._plans = [s.epoch_plan(epoch) for s in self.samplers]
+            self._epoch = epoch
+        return self._plans
+
+    def _flips(self, epoch: int, pos: int, shard: int, n: int) -> np.ndarray:
+        if not self.flip:
+            return np.zeros(n, bool)
+        return np.random.default_rng([self.seed, 7, epoch, pos, shard]).random(n) < 0.5
+
+    def batch(self, step: int) -> StepBatch:
+        epoch, pos = divmod(int(step), self.steps_per_epoch)
+        parts = []
+        for shard, plan in zip(self.shard_ids, self._plans_of(epoch)):
+            xi, yi = plan.x[pos], plan.y[pos]
+            fl = self._flips(epoch, pos, shard, 2 * len(xi))
+            x = chw_tensor(self.arrays.images[xi], fl[: len(xi)])
+            y = chw_tensor(self.arrays.images[yi], fl[len(xi) :])
+            lx, ly = (torch.from_numpy(self.arrays.labels[i]) for i in (xi, yi))
+            parts.append(StepBatch(x, lx, y, ly, epoch, pos, xi, yi))
+        return StepBatch.cat(parts)
+
+    def labels(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, pos = divmod(int(step), self.steps_per_epoch)
+        plans = [s.epoch_plan(epoch) for s in self.samplers]
+        lab = self.arrays.labels
+        return np.concatenate([lab[p.x[pos]] for p in plans]), np.concatenate(
+            [lab[p.y[pos]] for p in plans]
+        )
+
+    def iter_batches(self, start: int, stop: int) -> Iterator[StepBatch]:
+        return (self.batch(step) for step in range(start, stop))
+
+
+class ReaderSource:
+    """A store read in this process, for a worker's logical data shards: one
+    :class:`~ffc_ray.data.reader.StoreDualReader` per shard (the Ray Data stream's rows, seeds
+    and decoding)."""
+
+    def __init__(self, cfg: Config, shard_ids: list[int], num_shards: int) -> None:
+        from ffc_ray.data.reader import StoreDualReader
+
+        self.readers = [
+            StoreDualReader.from_config(cfg, world_size=num_shards, rank=s) for s in shard_ids
+        ]
+        self.steps_per_epoch = min(r.steps_per_epoch() for r in self.readers)
+
+    def batch(self, step: int) -> StepBatch:
+        epoch, pos = divmod(int(step), self.steps_per_epoch)
+        return StepBatch.cat([r.batch(epoch, pos) for r in self.readers])
+
+    def labels(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, pos = divmod(int(step), self.steps_per_epoch)
+        lx, ly = [], []
+        for r in self.readers:
+            plan, lab = r.spec.plan(epoch), r.store.labels
+            lx.append(lab[plan.x[pos]])
+            ly.append(lab[plan.y[pos]])
+        return np.concatenate(lx), np.concatenate(ly)
+
+    def iter_batches(self, start: int, stop: int) -> Iterator[StepBatch]:
+        return (self.batch(step) for step in range(start, stop))
+
+
 class WorkerData:
     """This worker's dual-loader batches, from logical data shards.
 
@@ -64,11 +156,13 @@ class WorkerData:
     with ``shards=2`` sees exactly the global batch that two workers see together, in the
     same (gather) order: the reference for the data-parallel equivalence test.
 
-    Synthetic data: in-memory arrays, :class:`~ffc_ray.data.sampling.DualSampler` plans, flips
-    drawn from (seed, epoch, position, shard). A store: the non-Ray
-    :class:`~ffc_ray.data.reader.StoreDualReader` per shard (same rows, seeds and decoding as the
-    Ray Data stream). Both are functions of (seed, epoch, shard, position) only, so a resumed
-    run reads exactly what the uninterrupted run would have read.
+    The batches come from one :class:`~ffc_ray.data.batch.BatchSource`: synthetic identities
+    (:class:`SyntheticSource`), or a store read in this process (:class:`ReaderSource`,
+    ``data.loader: reader``) or streamed by Ray Data
+    (:class:`~ffc_ray.data.stream.StreamSource`, ``data.loader: ray_data``, the default; the
+    same rows and values). All are functions of (seed, epoch, shard, position) only, so a
+    resumed run reads exactly what the uninterrupted run would have read. :meth:`batch` and
+    :meth:`labels` give any step directly (tests, replays), from the in-process source.
     """
 
     def __init__(
@@ -83,130 +177,43 @@ class WorkerData:
         if shards % world:
             raise ValueError(f"data shards ({shards}) must be a multiple of the workers ({world})")
         per = shards // world
-        self.cfg = cfg
         self.shard_ids = list(range(rank * per, (rank + 1) * per))
         self.num_shards = shards
-        self.arrays: FaceArrays | None = None
-        self.readers: list[Any] = []
-        self.samplers: list[Any] = []
+        self.local: SyntheticSource | ReaderSource
         if cfg.data.source == "synthetic":
-            from ffc_ray.data.sampling import DualSampler
-
-            self.arrays = arrays if arrays is not None else load_train_arrays(cfg)
-            self.samplers = [
-                DualSampler(
-                    self.arrays.labels,
-                    cfg.data.instance_batch,
-                    cfg.data.identity_batch,
-                    seed=cfg.data.seed,
-                    world_size=shards,
-                    rank=s,
-                )
-                for s in self.shard_ids
-            ]
-            self.steps_per_epoch = min(int(s.steps_per_epoch()) for s in self.samplers)
-            self._num_classes = self.arrays.num_classes
+            arrays = arrays if arrays is not None else load_train_arrays(cfg)
+            self.local = SyntheticSource(cfg, arrays, self.shard_ids, shards)
+            self.num_classes = arrays.num_classes
         else:
-            from ffc_ray.data.reader import StoreDualReader
-
-            store = open_train_store(cfg)
-            self.readers = [
-                StoreDualReader.from_config(cfg, world_size=shards, rank=s) for s in self.shard_ids
-            ]
-            self.steps_per_epoch = min(r.steps_per_epoch() for r in self.readers)
-            self._num_classes = store.num_identities
+            self.num_classes = open_train_store(cfg).num_identities
+            self.local = ReaderSource(cfg, self.shard_ids, shards)
+        self.steps_per_epoch = self.local.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise ConfigError(
                 "config field 'data.instance_batch': the training set gives no full "
                 f"step per epoch on {shards} data shards; lower the batch"
             )
-        self._epoch = -1
-        self._plans: list[Any] = []
+        self.source: BatchSource = self.local
+        if cfg.data.source != "synthetic" and cfg.data.loader == "ray_data":
+            from ffc_ray.data.stream import StreamSource
 
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
+            self.source = StreamSource(cfg, self.shard_ids, shards, self.steps_per_epoch)
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of a 0-based global step: the sampler position."""
         return divmod(int(step), self.steps_per_epoch)
 
-    def _flip(self, epoch: int, pos: int, shard: int, n: int) -> np.ndarray:
-        if not self.cfg.data.flip:
-            return np.zeros(n, bool)
-        rng = np.random.default_rng([self.cfg.data.seed, 7, epoch, pos, shard])
-        return rng.random(n) < 0.5
-
-    def batch(self, step: int) -> tuple[Any, np.ndarray, Any, np.ndarray]:
-        """(x, x labels, y, y labels) of this worker for 0-based global ``step``: uint8 arrays
-        (synthetic) or normalised float tensors (store)."""
-        epoch, pos = self.position(step)
-        if self.readers:
-            parts = [r.batch(epoch, pos) for r in self.readers]
-            return (
-                torch.cat([b.x for b in parts]),
-                np.concatenate([b.lx.numpy() for b in parts]),
-                torch.cat([b.y for b in parts]),
-                np.concatenate([b.ly.numpy() for b in parts]),
-            )
-        from ffc_ray.data.transforms import flip_batch
-
-        assert self.arrays is not None
-        if epoch != self._epoch:
-            self._plans = [s.epoch_plan(epoch) for s in self.samplers]
-            self._epoch = epoch
-        xs, lxs, ys, lys = [], [], [], []
-        for shard, plan in zip(self.shard_ids, self._plans):
-            xi, yi = plan.x[pos], plan.y[pos]
-            fl = self._flip(epoch, pos, shard, 2 * len(xi))
-            xs.append(flip_batch(self.arrays.images[xi], fl[: len(xi)]))
-            ys.append(flip_batch(self.arrays.images[yi], fl[len(xi) :]))
-            lxs.append(self.arrays.labels[xi])
-            lys.append(self.arrays.labels[yi])
-        return np.concatenate(xs), np.concatenate(lxs), np.concatenate(ys), np.concatenate(lys)
-
-    def iter_batches(
-        self, start: int, stop: int, device: torch.device | str = "cpu"
-    ) -> Iterator[tuple[Any, np.ndarray, Any, np.ndarray]]:
-        """:meth:`batch` for the global steps ``start .. stop - 1``.
-
-        A store with ``data.loader: ray_data`` (the default) is streamed by Ray Data read /
-        decode tasks (:func:`ffc_ray.data.stream.iter_worker_steps`, the same rows and values
-        as the in-worker reader); otherwise the batches are made here, step by step.
-        """
-        if self.readers and self.cfg.data.loader == "ray_data" and stop > start:
-            from ffc_ray.data.stream import iter_worker_steps
-
-            yield from iter_worker_steps(
-                self.cfg,
-                self.shard_ids,
-                self.num_shards,
-                start,
-                stop - start,
-                device,
-                steps_per_epoch=self.steps_per_epoch,  # known already: no second sampler pass
-            )
-            return
-        for step in range(start, stop):
-            yield self.batch(step)
+    def batch(self, step: int) -> StepBatch:
+        """This worker's batch of 0-based global ``step`` (its shards' batches in shard order)."""
+        return self.local.batch(step)
 
     def labels(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Only the (x, y) labels of ``step`` (no image work; for replays)."""
-        epoch, pos = self.position(step)
-        if self.readers:
-            lx, ly = [], []
-            for r in self.readers:
-                plan = r.spec.plan(epoch)
-                lab = r.store.labels
-                lx.append(lab[plan.x[pos]])
-                ly.append(lab[plan.y[pos]])
-            return np.concatenate(lx), np.concatenate(ly)
-        assert self.arrays is not None
-        plans = [s.epoch_plan(epoch) for s in self.samplers]
-        return (
-            np.concatenate([self.arrays.labels[p.x[pos]] for p in plans]),
-            np.concatenate([self.arrays.labels[p.y[pos]] for p in plans]),
-        )
+        return self.local.labels(step)
+
+    def iter_batches(self, start: int, stop: int) -> Iterator[StepBatch]:
+        """The batches of global steps ``start .. stop - 1``, from the run's source."""
+        return self.source.iter_batches(start, stop)
 
 
 def replay_pool_index(cfg: Config, steps: int, world: int | None = None) -> Any:

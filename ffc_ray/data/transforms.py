@@ -1,46 +1,15 @@
-"""Transforms shared by every reader (in-memory, LMDB, Ray Data): decode, crop, augment, normalise.
-
-Normalisation follows the official FFC code: (x - 127.5) / 128.
+"""Transforms shared by every reader (in-memory, LMDB, Ray Data): decode, crop, augment, and
+the uint8 CHW layout of a step batch. Normalisation happens on the device, in one function:
+:func:`ffc_ray.data.batch.normalize`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import simplejpeg
-
-if TYPE_CHECKING:  # torch is imported where tensors are made: Ray Data read tasks never load it
-    import torch
-
-
-def normalize_u8(images: np.ndarray) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in about [-1, 1]."""
-    x = images.astype(np.float32).transpose(0, 3, 1, 2)
-    x -= 127.5
-    x *= 1.0 / 128.0
-    return np.ascontiguousarray(x)
-
-
-def flip_batch(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Horizontally flip the images where ``mask`` is true (uint8 [B, H, W, 3]); copies."""
-    out = images.copy()
-    out[mask] = out[mask][:, :, ::-1]
-    return out
-
-
-def to_tensor_batch(
-    images: np.ndarray, flip_mask: np.ndarray | None = None, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """uint8 [B, H, W, 3] (optionally flipped per row) -> normalised float tensor on ``device``."""
-    import torch
-
-    if flip_mask is not None and flip_mask.any():
-        images = flip_batch(images, flip_mask)
-    return torch.from_numpy(normalize_u8(images)).to(device, non_blocking=True)
-
 
 # ------------------------------------------------------------------------------------------
 # Decoding, cropping and augmentation (shared by the importers, the LMDB reader and the Ray
@@ -369,38 +338,6 @@ def to_chw(
     for i in range(b):
         src = images[i].transpose(2, 0, 1)
         out[i] = src[:, :, ::-1] if flip[i] else src
-    return out
-
-
-def normalize_chw(images: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] with (x - 127.5) / 128 (rows mirrored where
-    ``flip``).
-
-    Bit-identical to :func:`normalize_u8` ((x - 127.5) / 128 = x / 128 - 255 / 256, both exact
-    in float32) with a third of its CPU: the transpose moves bytes, not floats, and the scale
-    is fused into the int -> float conversion.
-    """
-    chw = to_chw(images, flip)
-    out = np.multiply(chw, np.float32(1.0 / 128.0), dtype=np.float32)
-    out -= np.float32(127.5 / 128.0)
-    return out
-
-
-def decode_augment_normalize(
-    blobs: list[bytes],
-    seeds: np.ndarray,
-    size: int,
-    aug: Augment,
-    sources: Sequence[str] | Callable[[int], str] | None = None,
-) -> np.ndarray:
-    """The loaders' whole per-image path: stored record -> float32 [B, 3, size, size] in [-1, 1].
-
-    Used by both :mod:`ffc_ray.data.reader` (single process) and :mod:`ffc_ray.data.stream`
-    (Ray Data ``map_batches``); the official FFC loaders do flip + (x - 127.5) / 128 only.
-    """
-    chw = decode_augment_chw(blobs, seeds, size, aug, sources)
-    out = np.multiply(chw, np.float32(1.0 / 128.0), dtype=np.float32)
-    out -= np.float32(127.5 / 128.0)  # bit-identical to normalize_u8, see normalize_chw
     return out
 
 

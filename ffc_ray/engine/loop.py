@@ -1,10 +1,10 @@
 """The training loop, its callbacks, and the single-process run (tests, demo).
 
-:func:`train_loop` drives a :class:`~ffc_ray.engine.trainer.Trainer` over an iterator of
-``(x, lx, y, ly)`` batches and calls its :class:`Callback` s around each step. It is the one
-loop: :func:`run_single_process` (synthetic data in memory, verification before and after)
-and the Ray Train worker (:mod:`ffc_ray.ray.worker`: pool-actor prefetch, logging,
-evaluation, reports and checkpoints) differ only in the callbacks they pass.
+:func:`train_loop` drives a :class:`~ffc_ray.engine.trainer.Trainer` over step batches
+(:class:`~ffc_ray.data.batch.StepBatch`) and calls its :class:`Callback` s around each step.
+It is the one loop: :func:`run_single_process` (synthetic data in memory, verification
+before and after) and the Ray Train worker (:mod:`ffc_ray.ray.worker`: pool-actor prefetch,
+logging, evaluation, reports and checkpoints) differ only in the callbacks they pass.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from ffc_ray.config import Config, ConfigError
+from ffc_ray.data.batch import StepBatch
+from ffc_ray.data.source import WorkerData
 from ffc_ray.data.types import FaceArrays, VerificationSet
 from ffc_ray.engine.trainer import Trainer, resolve_device
 from ffc_ray.preflight import check_run
 
 log = logging.getLogger(__name__)
-
-Batch = tuple[Any, Any, Any, Any]  # (x, lx, y, ly): uint8 arrays or float tensors + labels
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Callback:
     to it (the Ray worker checkpoints when ``loop.stop`` is set).
     """
 
-    def before_step(self, trainer: Trainer, batch: Batch) -> None:  # noqa: B027 - optional
+    def before_step(self, trainer: Trainer, batch: StepBatch) -> None:  # noqa: B027 - optional
         pass
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:  # noqa: B027
@@ -60,7 +60,7 @@ class Callback:
 
 
 def train_loop(
-    trainer: Trainer, batches: Iterable[Batch], steps: int, callbacks: Sequence[Callback] = ()
+    trainer: Trainer, batches: Iterable[StepBatch], steps: int, callbacks: Sequence[Callback] = ()
 ) -> LoopState:
     """Train from ``trainer.step`` up to step ``steps`` (or until a callback stops the loop).
 
@@ -68,7 +68,7 @@ def train_loop(
     :class:`~ffc_ray.engine.trainer.Trainer` through it with their own callbacks.
     """
     loop = LoopState(steps, trainer.step)
-    it: Iterator[Batch] = iter(batches)
+    it: Iterator[StepBatch] = iter(batches)
     while not (loop.final or loop.stop):
         try:
             batch = next(it)
@@ -133,7 +133,7 @@ class History(Callback):
         self.images = 0
         self.first = True
 
-    def before_step(self, trainer: Trainer, batch: Batch) -> None:
+    def before_step(self, trainer: Trainer, batch: StepBatch) -> None:
         self.batch_images = len(batch[0]) + len(batch[2])
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:
@@ -172,32 +172,6 @@ class History(Callback):
             "mean_step_time": total_t / len(self.times) if self.times else float("nan"),
             "images_per_s": self.images / total_t if total_t > 0 else float("nan"),
         }
-
-
-def dual_batches(
-    cfg: Config, arrays: FaceArrays, device: torch.device | str = "cpu", start_step: int = 0
-) -> Iterator[Batch]:
-    """Endless dual-loader batches ``(x, lx, y, ly)`` (tensors on ``device``) over epochs.
-
-    :class:`~ffc_ray.data.sampling.DualSampler` plans each epoch (x = I + III, y = II + IV);
-    :func:`~ffc_ray.data.sampling.iter_batches` normalises the images and applies the random
-    horizontal flip (the official only augmentation) when ``data.flip`` is on.
-    """
-    from ffc_ray.data.sampling import DualSampler, iter_batches
-
-    d = cfg.data
-    sampler = DualSampler(arrays.labels, d.instance_batch, d.identity_batch, seed=d.seed)
-    per_epoch = sampler.steps_per_epoch()
-    if per_epoch < 1:
-        raise ConfigError(
-            "config field 'data.instance_batch': the training set gives no full "
-            "step per epoch; lower data.instance_batch / data.identity_batch"
-        )
-    epoch, pos = divmod(int(start_step), per_epoch)
-    while True:
-        plan = sampler.epoch_plan(epoch)
-        yield from iter_batches(arrays, plan, d.flip, d.seed, device, start_step=pos)
-        epoch, pos = epoch + 1, 0
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -253,7 +227,7 @@ def run_single_process(
     t1 = time.perf_counter()
     eval_fn = (lambda step: evaluate_trainer(cfg, trainer, vset)) if len(vset) else None
     record = History(cfg, eval_fn, log_fn)
-    batches = dual_batches(cfg, train, device)
+    batches = WorkerData(cfg, 0, 1, arrays=train).iter_batches(0, cfg.train.steps)
     train_loop(trainer, batches, cfg.train.steps, [FiniteLoss(), record])
     summary = record.summary()
     t_train = time.perf_counter() - t1

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffc_ray.config import Config
-from ffc_ray.data.transforms import to_tensor_batch
+from ffc_ray.data.batch import chw_tensor, normalize
 from ffc_ray.engine.schedule import build_scheduler
 from ffc_ray.heads import build_head
 from ffc_ray.heads.base import StepContext
@@ -135,18 +135,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _inputs(self, images: Any) -> torch.Tensor:
-        """uint8 [B, H, W, 3] arrays get normalised; float [B, 3, H, W] tensors pass through."""
-        if isinstance(images, np.ndarray):
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                raise ValueError(
-                    f"train_step: images must be uint8 [B,H,W,3], got {images.dtype} {images.shape}"
-                )
-            return to_tensor_batch(images, None, self.device).to(self.dtype)
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        """A view of a :class:`~ffc_ray.data.batch.StepBatch` (uint8 or float [B, 3, H, W])
+        -> the network's input on this device, normalised there."""
+        if not isinstance(images, torch.Tensor):
             raise ValueError(
-                "train_step: images must be uint8 [B,H,W,3] arrays or float [B,3,H,W] tensors"
+                f"train_step: images must be [B, 3, H, W] tensors, got {type(images).__name__}"
             )
-        return images.to(self.device, self.dtype, non_blocking=True)
+        return normalize(images, self.device, self.dtype)
 
     def _average_head_grads(self) -> None:
         import torch.distributed as dist
@@ -219,8 +214,7 @@ class Trainer:
         out = []
         try:
             for i in range(0, len(images_u8), bs):
-                t = to_tensor_batch(np.asarray(images_u8[i : i + bs]), None, self.device)
-                t = t.to(self.dtype)
+                t = normalize(chw_tensor(images_u8[i : i + bs]), self.device, self.dtype)
                 with self._autocast():
                     e = self.pnet(t)
                 out.append(F.normalize(e.float(), dim=1).cpu())

@@ -86,11 +86,11 @@ def make_embed_fn(net: Any, device: str) -> Any:
     """uint8 [B, H, W, 3] -> raw embeddings (``evaluate`` normalises)."""
     import torch
 
-    from ffc_ray.data.transforms import to_tensor_batch
+    from ffc_ray.data.batch import chw_tensor, normalize
 
     @torch.no_grad()
     def embed(images_u8: np.ndarray) -> np.ndarray:
-        return net(to_tensor_batch(np.asarray(images_u8), None, device)).float().cpu().numpy()
+        return net(normalize(chw_tensor(images_u8), device)).float().cpu().numpy()
 
     return embed
 

@@ -1,7 +1,7 @@
 """Pieces shared by every backbone: argument checks, the input-shape guard, weight init.
 
 Every backbone maps float images ``[B, 3, S, S]`` (S a positive multiple of 16, normalised by
-:func:`ffc_ray.data.transforms.to_tensor_batch`) to a RAW embedding ``[B, D]``. The embedding is
+:func:`ffc_ray.data.batch.normalize`) to a RAW embedding ``[B, D]``. The embedding is
 deliberately not L2-normalised: margin heads normalise it themselves, MagFace needs its norm, and
 evaluation normalises before scoring. The official FFC backbones end in ``F.normalize``; here that
 step moved out of the model.

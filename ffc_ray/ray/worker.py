@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ffc_ray.config import Config, ConfigError
+from ffc_ray.data.batch import StepBatch
 from ffc_ray.data.source import WorkerData
 from ffc_ray.engine.checkpoint import (
     META_FILE,
@@ -49,7 +50,7 @@ from ffc_ray.engine.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from ffc_ray.engine.loop import Batch, Callback, LoopState, train_loop
+from ffc_ray.engine.loop import Callback, LoopState, train_loop
 from ffc_ray.engine.trainer import Trainer
 from ffc_ray.eval.sets import SCORE_KEY, evaluate_sets, load_eval_sets
 from ffc_ray.ray import dist as rdist
@@ -330,9 +331,9 @@ class _Prefetch(Callback):
     def __init__(self, planner: Any) -> None:
         self.planner = planner
 
-    def before_step(self, trainer: Trainer, batch: Batch) -> None:
+    def before_step(self, trainer: Trainer, batch: StepBatch) -> None:
         self.planner.step = trainer.step
-        self.planner.prefetch(batch[1], batch[3])
+        self.planner.prefetch(batch.lx.numpy(), batch.ly.numpy())
 
 
 class _StepLog(Callback):
@@ -402,7 +403,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         _StepLog(logger, planner, world, device),
         report,
     ]
-    batches = data.iter_batches(start, cfg.train.steps, device)
+    batches = data.iter_batches(start, cfg.train.steps)
     loop = train_loop(trainer, batches, cfg.train.steps, callbacks)
     batches.close()  # stopped early: end the Ray Data streams' read-ahead now
     summary: dict[str, Any] = {"start_step": start}

@@ -69,7 +69,7 @@ def _train_loop(config: dict) -> None:
         rows["ly"].append(b.ly.numpy())
         if rows["x0"] is None:
             rows["x0"], rows["y0"] = b.x.numpy(), b.y.numpy()
-        assert b.x.shape == (M // 2 + P, 3, 16, 16) and str(b.x.dtype) == "torch.float32"
+        assert b.x.shape == (M // 2 + P, 3, 16, 16) and str(b.x.dtype) == "torch.uint8"
     np.savez(Path(config["out"]) / f"rank{rank}.npz", **{k: np.asarray(v) for k, v in rows.items()})
     ray.train.report({"batches": len(rows["step"])})
 
@@ -123,7 +123,7 @@ def test_trainer_stream_yields_exactly_the_sampler_keys(ray_session, tiny_store,
         # identity part: same identity in x and y, two distinct images
         np.testing.assert_array_equal(got["lx"][:, M // 2 :], got["ly"][:, M // 2 :])
         assert (got["ix"][:, M // 2 :] != got["iy"][:, M // 2 :]).all()
-        # pixels (decode + augment + normalise) equal the non-Ray reader's
+        # pixels (decode + augment) equal the non-Ray reader's
         ref = StoreDualReader(spec.for_rank(rank)).batch(0, 0)
         np.testing.assert_array_equal(got["x0"], ref.x.numpy())
         np.testing.assert_array_equal(got["y0"], ref.y.numpy())
@@ -160,9 +160,9 @@ def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_st
     start, num = spe - 2, 5
     ref = list(StoreDualReader(spec).iter_steps(start, num))
     for kw in (
-        {"steps_per_task": 3, "normalize": True},
-        {"normalize": False},
-        {"steps_per_task": 2, "normalize": False},  # three tasks, one image buffer per worker
+        {"steps_per_task": 3},
+        {},
+        {"steps_per_task": 2},  # three tasks
     ):
         got = list(iter_step_batches(spec, build_rank_dataset(spec, num, start, **kw)))
         assert [(b.epoch, b.step) for b in got] == [(0, spe - 2), (0, spe - 1)] + [
@@ -170,7 +170,7 @@ def test_dual_stream_equals_reader_across_epochs_and_resume(ray_session, tiny_st
         ]
         for g, r in zip(got, ref, strict=True):
             assert (g.epoch, g.step) == (r.epoch, r.step)
-            assert g.x.dtype == torch.float32 and g.x.shape == (M // 2 + P, 3, 16, 16)
+            assert g.x.dtype == torch.uint8 and g.x.shape == (M // 2 + P, 3, 16, 16)
             for f in ("x", "lx", "y", "ly"):
                 np.testing.assert_array_equal(getattr(g, f).numpy(), getattr(r, f).numpy())
             np.testing.assert_array_equal(g.ix, r.ix)
@@ -192,10 +192,6 @@ def test_object_store_blocks_through_a_split_coordinator_equal_the_reader(ray_se
     for g, r in zip(got, ref, strict=True):
         assert (g.epoch, g.step) == (r.epoch, r.step)
         assert torch.equal(g.x, r.x) and torch.equal(g.y, r.y)
-
-
-def _norm(images: np.ndarray) -> np.ndarray:
-    return (images.astype(np.float32) - 127.5) / 128
 
 
 def test_dual_stream_refuses_steps_out_of_order():
@@ -248,25 +244,6 @@ class _Blocks:
     def iter_batches(self, **kw):
         assert kw["batch_size"] is None
         return iter(self.blocks)
-
-
-def test_consumer_normalisation_is_bit_equal_to_numpy():
-    """uint8 block images -> a fresh float tensor, (x - 127.5) / 128 exactly as numpy computes
-    it, every byte value, the read-only block untouched; float images pass through unchanged."""
-    from ffc_ray.data.stream import _images_to_tensor
-
-    rng = np.random.default_rng(0)
-    a = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16).repeat(3, axis=1)
-    b = rng.integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
-    block = np.concatenate([a, b])
-    block.flags.writeable = False
-    got = _images_to_tensor(block, torch.device("cpu"))
-    want = (block.astype(np.float32) - 127.5) / 128
-    assert got.dtype == torch.float32 and got.shape == (6, 3, 16, 16)
-    assert np.array_equal(got.numpy(), want)
-    assert not np.shares_memory(got.numpy(), block)
-    f = want[:2].copy()
-    assert np.array_equal(_images_to_tensor(f, torch.device("cpu")).numpy(), f)
 
 
 def test_read_task_modules_do_not_import_torch():

@@ -33,14 +33,14 @@ def test_worker_data_shards_concatenate_to_the_global_batch(tmp_path: Path) -> N
     for step in (0, 3, both.steps_per_epoch + 1):  # also across an epoch boundary
         x, lx, y, ly = both.batch(step)
         a, b = r0.batch(step), r1.batch(step)
-        np.testing.assert_array_equal(x, np.concatenate([a[0], b[0]]))
-        np.testing.assert_array_equal(lx, np.concatenate([a[1], b[1]]))
-        np.testing.assert_array_equal(y, np.concatenate([a[2], b[2]]))
-        np.testing.assert_array_equal(ly, np.concatenate([a[3], b[3]]))
+        np.testing.assert_array_equal(x, np.concatenate([a.x, b.x]))
+        np.testing.assert_array_equal(lx, np.concatenate([a.lx, b.lx]))
+        np.testing.assert_array_equal(y, np.concatenate([a.y, b.y]))
+        np.testing.assert_array_equal(ly, np.concatenate([a.ly, b.ly]))
         np.testing.assert_array_equal(both.labels(step)[0], lx)
         assert len(lx) == 2 * cfg.data.view_batch
     # ranks draw different data
-    assert not np.array_equal(r0.batch(0)[1], r1.batch(0)[1])
+    assert not np.array_equal(r0.batch(0).lx, r1.batch(0).lx)
 
 
 # Why float64 (issue 18): in float32 these two runs differ by round-off alone (the gradient is

@@ -64,13 +64,14 @@ def test_worker_stream_equals_worker_reader_for_two_shards(ray_session, store32)
     import torch
 
     from ffc_ray.data.source import WorkerData
-    from ffc_ray.data.stream import iter_worker_steps
+    from ffc_ray.data.stream import StreamSource
 
     cfg = small_cfg(Path("."), data__source=str(store32), data__image_size=32, eval__pairs=[])
     data = WorkerData(cfg, 0, 1, shards=2)
+    assert isinstance(data.source, StreamSource) == (cfg.data.loader == "ray_data")
     spe = data.steps_per_epoch
     start = spe - 1  # across an epoch boundary
-    got = list(iter_worker_steps(cfg, data.shard_ids, 2, start, 3))
+    got = list(StreamSource(cfg, data.shard_ids, 2).iter_batches(start, start + 3))
     assert len(got) == 3
     for g, (x, lx, y, ly) in zip(range(start, start + 3), got):
         rx, rlx, ry, rly = data.batch(g)

@@ -55,9 +55,14 @@ def make_batch(seed: int, cfg: Config):
     ids = rng.choice(NUM_IDS, 4, replace=False)
     lx = np.concatenate([rng.integers(0, NUM_IDS, 4), ids]).astype(np.int64)
     ly = np.concatenate([rng.integers(0, NUM_IDS, 4), ids]).astype(np.int64)
-    x = rng.integers(0, 256, (8, s, s, 3), dtype=np.uint8)
-    y = rng.integers(0, 256, (8, s, s, 3), dtype=np.uint8)
-    return x, lx, y, ly
+    x = rng.integers(0, 256, (8, 3, s, s), dtype=np.uint8)
+    y = rng.integers(0, 256, (8, 3, s, s), dtype=np.uint8)
+    return torch.from_numpy(x), lx, torch.from_numpy(y), ly
+
+
+def hwc(images: torch.Tensor) -> np.ndarray:
+    """A batch view as the uint8 [B, H, W, 3] arrays that ``Trainer.embed`` takes."""
+    return np.ascontiguousarray(images.numpy().transpose(0, 2, 3, 1))
 
 
 # ---- EMA -----------------------------------------------------------------------------------
@@ -225,7 +230,7 @@ def test_float64_runs_every_tensor_in_float64_and_matches_float32(head):
             tensors += list(tr.gnet.state_dict().values())
         floats = {t.dtype for t in tensors if torch.is_tensor(t) and t.is_floating_point()}
         assert floats == {getattr(torch, dt)}, (dt, floats)
-        assert tr.embed(make_batch(2, tr.cfg)[0]).dtype == torch.float32
+        assert tr.embed(hwc(make_batch(2, tr.cfg)[0])).dtype == torch.float32
     assert losses["float64"] == pytest.approx(losses["float32"], rel=1e-4)
 
 
@@ -281,7 +286,7 @@ def test_state_dict_round_trip_continues_identically(head):
 def test_embed_is_normalised_eval_mode_and_batched():
     cfg = tiny_cfg("fc")
     tr = Trainer(cfg, NUM_IDS, "cpu")
-    imgs = make_batch(0, cfg)[0]
+    imgs = hwc(make_batch(0, cfg)[0])
     e_all = tr.embed(imgs, batch_size=3)
     e_one = tr.embed(imgs[:1])
     assert e_all.shape == (8, 32)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from ffc_ray.data.sampling import DualSampler, EpochPlan, iter_batches
-from ffc_ray.data.types import FaceArrays
+from ffc_ray.data.sampling import DualSampler, EpochPlan
 
 
 def _labels(counts, seed=0):
@@ -183,36 +181,3 @@ def test_bad_labels():
         DualSampler(np.array([0.5, 1.5]), 2, 0, seed=0)
     with pytest.raises(ValueError, match="labels"):
         DualSampler(np.array([-1, 0, 0]), 2, 0, seed=0)
-
-
-def test_iter_batches_tensors_labels_and_flips():
-    rng = np.random.default_rng(0)
-    n = len(LABELS)
-    images = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
-    arrays = FaceArrays(images, LABELS)
-    s = DualSampler(LABELS, 8, 6, seed=0)
-    plan = s.epoch_plan(0)
-    batches = list(iter_batches(arrays, plan, flip=False, seed=0, device="cpu"))
-    assert len(batches) == plan.steps
-    x, lx, y, ly = batches[3]
-    assert x.shape == (10, 3, 4, 4) and x.dtype == torch.float32
-    ref = (images[plan.x[3]].astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 128
-    np.testing.assert_allclose(x.numpy(), ref)
-    np.testing.assert_array_equal(lx.numpy(), LABELS[plan.x[3]])
-    np.testing.assert_array_equal(ly.numpy(), LABELS[plan.y[3]])
-    assert lx.dtype == torch.int64
-    # flips: each image either unchanged or mirrored, about half mirrored, seeded, resumable
-    fl = list(iter_batches(arrays, plan, flip=True, seed=1))
-    mirrored = 0
-    for (xf, *_), (xn, *_) in zip(fl, batches):
-        same = (xf == xn).flatten(1).all(1)
-        mir = (xf == xn.flip(-1)).flatten(1).all(1)
-        assert (same | mir).all()
-        mirrored += int((mir & ~same).sum())
-    total = plan.steps * 10
-    assert 0.3 * total < mirrored < 0.7 * total
-    again = list(iter_batches(arrays, plan, flip=True, seed=1, start_step=5))
-    assert len(again) == plan.steps - 5
-    assert torch.equal(again[0][0], fl[5][0]) and torch.equal(again[0][2], fl[5][2])
-    with pytest.raises(ValueError, match="holds"):
-        next(iter_batches(FaceArrays(images[:5], LABELS[:5]), plan, False, 0))

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from ffc_ray.data.importers import ImportOptions, import_arrays, import_folder
@@ -333,17 +334,6 @@ def test_progress_bar_is_tqdm_on_stderr_and_can_be_off(capsys):
 # ---- transforms shared by the loaders ------------------------------------------------------
 
 
-def test_normalize_chw_is_bit_identical_to_normalize_u8():
-    from ffc_ray.data.transforms import normalize_chw, normalize_u8
-
-    x = np.random.default_rng(1).integers(0, 256, (5, 7, 9, 3), dtype=np.uint8)
-    x[0, 0, 0] = [0, 255, 127]
-    out = normalize_chw(x)
-    assert out.dtype == np.float32 and out.shape == (5, 3, 7, 9)
-    np.testing.assert_array_equal(out, normalize_u8(x))
-    assert out[0, :, 0, 0].tolist() == [-127.5 / 128, 127.5 / 128, -0.5 / 128]
-
-
 def test_augment_depends_only_on_row_seeds():
     from ffc_ray.data.transforms import Augment, augment_batch, row_uniforms
 
@@ -404,9 +394,9 @@ def test_reader_batches_follow_the_sampler(tmp_path):
         np.testing.assert_array_equal(b.iy, plan.y[b.step])
         np.testing.assert_array_equal(b.lx.numpy(), store.labels[b.ix])
         np.testing.assert_array_equal(b.lx.numpy()[2:], b.ly.numpy()[2:])  # III, IV: same ids
-        assert b.x.shape == (4, 3, 16, 16) and b.x.dtype.is_floating_point
+        assert b.x.shape == (4, 3, 16, 16) and b.x.dtype == torch.uint8
         for view, idx in ((b.x, b.ix), (b.y, b.iy)):
-            u8 = (view.numpy() * 128 + 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+            u8 = view.numpy().transpose(0, 2, 3, 1)
             for img, i in zip(u8, idx):
                 same = np.array_equal(img, decoded[i])
                 mirror = np.array_equal(img, decoded[i][:, ::-1])
@@ -444,9 +434,7 @@ def test_decode_augment_chw_equals_decode_then_augment_then_transpose():
         Augment,
         augment_batch,
         decode_augment_chw,
-        decode_augment_normalize,
         decode_records,
-        normalize_u8,
     )
 
     imgs = np.random.default_rng(3).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
@@ -461,9 +449,6 @@ def test_decode_augment_chw_equals_decode_then_augment_then_transpose():
         got = decode_augment_chw(blobs, seeds, 16, aug)
         assert got.dtype == np.uint8 and got.flags.c_contiguous
         np.testing.assert_array_equal(got, ref)
-        np.testing.assert_array_equal(
-            decode_augment_normalize(blobs, seeds, 16, aug), normalize_u8(ref.transpose(0, 2, 3, 1))
-        )
     flipped = decode_augment_chw(blobs, seeds, 16, Augment(flip=True))
     assert any((flipped[i] != imgs[i].transpose(2, 0, 1)).any() for i in range(9))  # some flip
 

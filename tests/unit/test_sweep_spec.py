@@ -9,7 +9,6 @@ import csv
 import itertools
 import json
 import math
-import random
 from pathlib import Path
 
 import optuna.distributions as od
@@ -23,7 +22,6 @@ from ffc_ray.ray.sweep.results import (
     STATUS_STOPPED,
     SweepTensorBoard,
     _ProgressTail,
-    best_row,
     has_session,
     ready_config,
     trial_row,
@@ -37,7 +35,6 @@ from ffc_ray.ray.sweep.spec import (
     evaluation_steps,
     load_sweep,
     objectives_of,
-    pareto_front,
     parse_sweep,
 )
 
@@ -343,73 +340,6 @@ def test_evaluation_steps_are_the_report_points():
 
 
 # ------------------------------------------------------------------------------------------
-# Pareto front against a brute-force filter
-
-
-def brute_force_front(rows, objectives):
-    """Rows no other row beats on every objective while being strictly better on one."""
-
-    def better_eq(a, b, mode):
-        return a >= b if mode == "max" else a <= b
-
-    valid = [
-        i
-        for i, r in enumerate(rows)
-        if all(
-            isinstance(r.get(o.metric), (int, float)) and not math.isnan(r[o.metric])
-            for o in objectives
-        )
-    ]
-    front = []
-    for i in valid:
-        dominated = False
-        for j in valid:
-            if j == i:
-                continue
-            if all(
-                better_eq(rows[j][o.metric], rows[i][o.metric], o.mode) for o in objectives
-            ) and any(rows[j][o.metric] != rows[i][o.metric] for o in objectives):
-                dominated = True
-        if not dominated:
-            front.append(i)
-    return front
-
-
-def test_pareto_front_hand_example():
-    objs = (Objective("accuracy", "max"), Objective("head_memory_mb", "min"))
-    rows = [
-        {"accuracy": 0.9, "head_memory_mb": 10},
-        {"accuracy": 0.8, "head_memory_mb": 2},
-        {"accuracy": 0.85, "head_memory_mb": 12},
-        {"accuracy": 0.8, "head_memory_mb": 2},
-        {"accuracy": float("nan"), "head_memory_mb": 1},
-        {"head_memory_mb": 0.5},
-    ]
-    # row 2 is beaten by row 0; rows 1 and 3 tie (neither dominates); 4 and 5 lack accuracy
-    assert pareto_front(rows, objs) == [0, 1, 3]
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_pareto_front_matches_brute_force(seed):
-    rng = random.Random(seed)
-    objs = (
-        Objective("accuracy", "max"),
-        Objective("head_memory_mb", "min"),
-        Objective("step_time_ms", "min"),
-    )[: 2 + seed % 2]
-    rows = [
-        {
-            "accuracy": rng.choice([0.5, 0.6, 0.7, 0.8, rng.random()]),
-            "head_memory_mb": rng.choice([1, 2, 3, rng.random() * 4]),
-            "step_time_ms": rng.random() * 10,
-        }
-        for _ in range(30)
-    ]
-    rows[3]["accuracy"] = float("nan")
-    assert pareto_front(rows, objs) == brute_force_front(rows, objs)
-
-
-# ------------------------------------------------------------------------------------------
 # trainer metrics -> sweep names, table rows, outputs
 
 REPORT = {
@@ -501,7 +431,7 @@ def test_trial_row_status(small_spec):
     assert trial_row(small_spec, "e", cfg, {}, state="PENDING")["status"] == "pending"
 
 
-def test_best_row_and_ready_config(small_spec, tmp_path):
+def test_ready_config(small_spec, tmp_path):
     rows = [
         {
             "trial": "a",
@@ -526,9 +456,6 @@ def test_best_row_and_ready_config(small_spec, tmp_path):
         },
         {"trial": "d", "status": STATUS_COMPLETED, "accuracy": float("nan")},
     ]
-    assert best_row(rows, Objective("accuracy", "max")) == 2
-    assert best_row(rows, Objective("accuracy", "min")) == 1
-    assert best_row(rows[:1], Objective("accuracy", "max")) is None
     cfg = ready_config(small_spec, rows[2])
     path = tmp_path / "best.yaml"
     write_config(cfg, path, "best trial c\nline two")

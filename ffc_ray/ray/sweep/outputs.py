@@ -21,7 +21,6 @@ from ffc_ray.ray.sweep.results import (
     TB_DIR,
     SweepTensorBoard,
     _fmt,
-    best_row,
     has_session,
     ready_config,
     start_order,
@@ -33,7 +32,6 @@ from ffc_ray.ray.sweep.spec import (
     Objective,
     SweepSpec,
     objectives_of,
-    pareto_front,
 )
 
 log = logging.getLogger(__name__)
@@ -101,6 +99,33 @@ def rows_from_grid(spec: SweepSpec, grid: Any) -> list[dict[str, Any]]:
     return [row for _, row in keyed]
 
 
+def best_rows(spec: SweepSpec, rows: Sequence[Mapping[str, Any]], storage: Any) -> list[int]:
+    """Indices of the rows of the study's best trials, in row order: Optuna's ``best_trials``
+    (the Pareto front of the COMPLETE trials) with several objectives, ``best_trial`` with one
+    (the first such row on a tie).
+
+    A study trial is matched to its table row by the searched values and the objective values,
+    which Tune handed to Optuna from that row's last report. Errored trials FAIL in the study
+    (:func:`~ffc_ray.ray.sweep.search.build_searcher`), so their rows never match.
+    """
+    import optuna
+
+    objs = objectives_of(spec)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    try:
+        best = study.best_trials if len(objs) > 1 else [study.best_trial]
+    except ValueError:  # no COMPLETE trial
+        return []
+    wanted = {(tuple(t.params.get(p.key) for p in spec.params), tuple(t.values)) for t in best}
+    found = [
+        i
+        for i, r in enumerate(rows)
+        if r["status"] != STATUS_ERROR
+        and (tuple(r[p.key] for p in spec.params), tuple(r.get(o.metric) for o in objs)) in wanted
+    ]
+    return found if len(objs) > 1 else found[:1]
+
+
 def write_outputs(
     spec: SweepSpec,
     exp_dir: Path,
@@ -128,12 +153,12 @@ def write_outputs(
             tb.end(r["trial"], r)
     tb.close()
 
-    best_i = best_row(rows, objs[0])
+    best = best_rows(spec, rows, url)
+    best_i = best[0] if best else None
     best_path = None
     pareto: list[dict[str, Any]] = []
     if spec.tune.multi_objective:
-        candidates = [r for r in rows if r["status"] != STATUS_ERROR]
-        pareto = [candidates[i] for i in pareto_front(candidates, objs)]
+        pareto = [rows[i] for i in best]
         pareto.sort(
             key=lambda r: -r[objs[0].metric] if objs[0].mode == "max" else r[objs[0].metric]
         )

@@ -20,7 +20,6 @@ from ffc_ray.config import Config
 from ffc_ray.ray.sweep.spec import (
     REPORTED_METRICS,
     VERIFICATION_METRICS,
-    Objective,
     SweepSpec,
     objectives_of,
 )
@@ -210,18 +209,6 @@ def start_order(metrics: Mapping[str, Any] | None) -> float:
     """Sort key: when the trial's driver started (``started_at``); trials without one last."""
     v = (metrics or {}).get("started_at")
     return float(v) if _finite(v) else math.inf
-
-
-def best_row(rows: Sequence[Mapping[str, Any]], objective: Objective) -> int | None:
-    """Index of the best non-error row on ``objective`` (first on ties), None if none has it."""
-    best, best_v = None, None
-    for i, r in enumerate(rows):
-        v = r.get(objective.metric)
-        if r.get("status") == STATUS_ERROR or not _finite(v):
-            continue
-        if best_v is None or (v > best_v if objective.mode == "max" else v < best_v):
-            best, best_v = i, v
-    return best
 
 
 def ready_config(spec: SweepSpec, row: Mapping[str, Any]) -> Config:

@@ -70,9 +70,19 @@ def optuna_storage_url(spec: SweepSpec, exp_dir: Path) -> str:
 
 def build_searcher(spec: SweepSpec, exp_dir: Path, study_name: str) -> Any:
     """OptunaSearch: TPE (seeded; multi-objective TPE with several objectives), RDB storage,
-    the paper's defaults enqueued first."""
+    the paper's defaults enqueued first; errored trials FAIL in the study."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+
+    class ErrorsFailSearch(OptunaSearch):
+        """Ray 2.60's OptunaSearch tells Optuna an errored trial as COMPLETE with the values of
+        its last report, so the sampler would learn from a crashed run and the study's best
+        trials could name it. Here it is told without a result: FAIL."""
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
+            super().on_trial_complete(trial_id, None if error else result, error)
 
     objs = objectives_of(spec)
     startup = min(10, max(2, spec.tune.num_samples // 2))
@@ -83,7 +93,7 @@ def build_searcher(spec: SweepSpec, exp_dir: Path, study_name: str) -> Any:
         mode: Any = [o.mode for o in objs]
     else:
         metric, mode = objs[0].metric, objs[0].mode
-    return OptunaSearch(
+    return ErrorsFailSearch(
         space=spec.optuna_space(),
         metric=metric,
         mode=mode,

@@ -416,30 +416,6 @@ def load_sweep(
     return parse_sweep(data, path=p, root=Path(root) if root is not None else None)
 
 
-def pareto_front(rows: list[Mapping[str, Any]], objectives: tuple[Objective, ...]) -> list[int]:
-    """Indices of the non-dominated rows (rows missing an objective are skipped)."""
-    vals = []
-    for i, r in enumerate(rows):
-        v = []
-        for o in objectives:
-            x = r.get(o.metric)
-            if x is None or not isinstance(x, (int, float)) or math.isnan(x):
-                break
-            v.append(x if o.mode == "max" else -x)
-        else:
-            vals.append((i, v))
-    front = []
-    for i, v in vals:
-        dominated = any(
-            all(a >= b for a, b in zip(w, v)) and any(a > b for a, b in zip(w, v))
-            for j, w in vals
-            if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
-
-
 # ------------------------------------------------------------------------------------------
 # what a trial reports (added by the sweep module's owner; pure, like the rest of this file)
 

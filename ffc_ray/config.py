@@ -108,6 +108,9 @@ class HeadConfig:
     """
 
     type: str = "ffc"
+    # replicated: every worker holds all class rows (gradients all-reduced); sharded: worker r
+    # of W holds a contiguous 1/W of them, the softmax runs across workers (fc, partial_fc)
+    parallel: str = "replicated"
     margin_type: str = "arcface"
     margin: float = 0.5
     scale: float = 32.0
@@ -299,7 +302,13 @@ _REGISTRY_FIELDS = {
     "model.backbone": registry.BACKBONES,
 }
 
+#: Margins a class-sharded head supports: the non-target columns are ``scale * cos`` and nothing
+#: is a statistic of the batch or per class (CurricularFace's running t, MagFace's and
+#: AdaptiveFace's regularisers and L-Softmax's weight norms would each need their own reduction).
+SHARDABLE_MARGINS = ("softmax", "arcface", "cosface", "am", "combined", "sphereface")
+
 _CHOICES = {
+    "head.parallel": ("replicated", "sharded"),
     "head.k_mode": ("ring", "mean"),
     "head.neg_loss": ("topk", "mean_cos"),
     "pool.policy": ("lru", "fifo"),
@@ -311,15 +320,23 @@ _CHOICES = {
 
 
 def validate(cfg: Config) -> None:
-    """Raise :class:`ConfigError` naming the first bad field."""
+    """Raise :class:`ConfigError` naming the first bad field: names from the registries and
+    fixed choices, then each field's range, then the rules between fields."""
     choices = {key: reg.names() for key, reg in _REGISTRY_FIELDS.items()}
     for key, allowed in {**choices, **_CHOICES}.items():
         value = cfg.get(key)
         if value not in allowed:
             raise _err(key, f"{value!r} is not one of {', '.join(allowed)}")
+    for ok, key, msg in _range_checks(cfg):
+        if not ok:
+            raise _err(key, msg)
+    _check_rules(cfg)
 
+
+def _range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """(holds, field, message) for every field with a range."""
     d, h, p, o, t, e, r = cfg.data, cfg.head, cfg.pool, cfg.optim, cfg.train, cfg.eval, cfg.ray
-    checks: list[tuple[bool, str, str]] = [
+    return [
         (
             d.image_size > 0 and d.image_size % 16 == 0,
             "data.image_size",
@@ -386,14 +403,23 @@ def validate(cfg: Config) -> None:
         (r.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0"),
         (r.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1 = unlimited)"),
     ]
-    for ok, key, msg in checks:
-        if not ok:
-            raise _err(key, msg)
-    if h.type == "partial_fc" and r.num_workers > 1:
+
+
+def _check_rules(cfg: Config) -> None:
+    """The rules between fields, and locations that must parse."""
+    d, h, e, r = cfg.data, cfg.head, cfg.eval, cfg.ray
+    if h.type == "partial_fc" and r.num_workers > 1 and h.parallel != "sharded":
         raise _err(
-            "ray.num_workers",
-            "partial_fc runs on one worker (its per-worker sampled rows would diverge); "
-            "set ray.num_workers: 1",
+            "head.parallel",
+            "partial_fc on several workers runs sharded (replicated, the per-worker sampled "
+            "rows would diverge); set head.parallel: sharded or ray.num_workers: 1",
+        )
+    if h.parallel == "sharded" and h.type not in ("fc", "partial_fc"):
+        raise _err("head.parallel", f"sharded is implemented for fc and partial_fc, not {h.type}")
+    if h.parallel == "sharded" and h.margin_type not in SHARDABLE_MARGINS:
+        raise _err(
+            "head.margin_type",
+            f"{h.margin_type} cannot run on a sharded head (one of {', '.join(SHARDABLE_MARGINS)})",
         )
     workers = max(1, r.num_workers)
     if d.shards is not None and (d.shards < workers or d.shards % workers):

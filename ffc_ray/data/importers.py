@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffc_ray.data.store import DataError, ImportSummary, StoreWriter, progress_bar
+from ffc_ray.data.store import DataError, progress_bar
 from ffc_ray.data.transforms import (
     ImageDecodeError,
     crop_resize,
@@ -34,6 +34,7 @@ from ffc_ray.data.transforms import (
     load_face,
     open_image,
 )
+from ffc_ray.data.writer import ImportSummary, StoreWriter
 
 log = logging.getLogger(__name__)
 

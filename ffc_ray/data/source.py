@@ -219,11 +219,12 @@ class WorkerData:
 def replay_pool_index(cfg: Config, steps: int, world: int | None = None) -> Any:
     """A :class:`PoolIndex` replayed over the first ``steps`` steps of all ranks' labels, in
     gather order: what the run's actor must hold after ``steps`` steps (tests, audits)."""
-    from ffc_ray.pool.index import PoolIndex, plan_step
+    from ffc_ray.pool.index import PoolIndex
+    from ffc_ray.pool.plan import plan_step
 
     world = int(world or max(1, cfg.ray.num_workers))
     data = WorkerData(cfg, 0, 1, shards=world)  # all shards in one place = gather order
-    index = PoolIndex(cfg.pool_capacity(data.num_classes), cfg.pool.policy)
+    index = PoolIndex(cfg.pool_capacity(data.num_classes), cfg.pool.policy, data.num_classes)
     for step in range(steps):
         lx, ly = data.labels(step)
         if cfg.head.symmetric:

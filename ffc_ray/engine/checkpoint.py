@@ -54,10 +54,42 @@ def model_checksum(trainer: Trainer) -> str:
     running statistics are left out: each rank updates them from its own batch, and DDP
     re-broadcasts rank 0's before every forward; the checkpoint holds rank 0's.)"""
     tensors = [p for _, p in sorted(trainer.pnet.named_parameters())]
-    tensors += [
-        t for _, t in sorted(trainer.head.state_dict().items()) if isinstance(t, torch.Tensor)
-    ]
+    if not getattr(trainer.head, "sharded", False):  # a sharded head differs by rank
+        head = trainer.head.state_dict()
+        tensors += [t for _, t in sorted(head.items()) if isinstance(t, torch.Tensor)]
     return tensor_checksum(*tensors)
+
+
+def head_shard_file(rank: int, world: int) -> str:
+    return f"head-{rank}-of-{world}.pt"
+
+
+def write_head_shard(directory: Path, trainer: Trainer, rank: int, world: int) -> None:
+    """A sharded head's rows and this rank's optimiser state (momentum of those rows), one file
+    per rank in the same checkpoint folder (Ray Train merges the ranks' folders)."""
+    head = trainer.head
+    shard = {
+        "head": head.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "classes": [int(head.start), int(head.end)],
+    }
+    torch.save(shard, Path(directory) / head_shard_file(rank, world))
+
+
+def load_head_shard(directory: str | Path, rank: int, world: int) -> dict[str, Any]:
+    """This rank's ``head`` and ``optimizer`` state from a checkpoint of a sharded head; a
+    checkpoint written by another number of workers is refused, naming that number."""
+    f = Path(directory) / head_shard_file(rank, world)
+    if not f.is_file():
+        found = sorted(p.name for p in Path(directory).glob("head-*-of-*.pt"))
+        was = re.search(r"-of-(\d+)\.pt$", found[0]).group(1) if found else None
+        hint = f"resume with ray.num_workers: {was}" if was else "it holds no head shards"
+        raise CheckpointError(
+            f"{directory}: no {f.name} for a head sharded over {world} workers: {hint} "
+            "(a sharded head is restored at the world size that wrote it)"
+        )
+    shard = _load_plain(f)
+    return {"head": shard["head"], "optimizer": shard["optimizer"]}
 
 
 def write_checkpoint(
@@ -121,6 +153,10 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
     f = Path(path) / STATE_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path}: not an ffc_ray checkpoint (no {STATE_FILE})")
+    return _load_plain(f)
+
+
+def _load_plain(f: Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(f, map_location="cpu", weights_only=True)

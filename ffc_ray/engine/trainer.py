@@ -67,7 +67,7 @@ class Trainer:
     ``gather(features)`` all-gathers gallery features in rank order (default: identity);
     ``plan(trial_gallery, trial_probe, commit_gallery, commit_probe) -> StepSlots`` takes this
     worker's labels and gives the slots of every rank's gallery and of this worker's probes
-    (default: :func:`ffc_ray.pool.index.plan_step` on a local ``PoolIndex``, one worker);
+    (default: :func:`ffc_ray.pool.plan.plan_step` on a local ``PoolIndex``, one worker);
     ``ddp_wrap(module) -> module`` wraps the P-Net for data-parallel training.
     """
 
@@ -101,6 +101,7 @@ class Trainer:
             autocast=self._autocast,
             gather=gather or _identity_gather,
             plan=plan,
+            num_classes=self.num_classes,
         )
         self.head_step = self.head.step_class(self.head, ctx, cfg)  # copies the P-Net (G-Net)
         self.pnet_fwd = ddp_wrap(self.pnet) if ddp_wrap is not None else self.pnet
@@ -109,8 +110,10 @@ class Trainer:
         self.params = [p for p in self.pnet.parameters() if p.requires_grad]
         self.head_params = [p for p in self.head.parameters() if p.requires_grad]
         self.params += self.head_params
-        # DDP covers the P-Net only; replicated head weights (FC) are averaged by hand
-        self._sync_head = ddp_wrap is not None and bool(self.head_params)
+        # DDP covers the P-Net only; replicated head weights (FC) are averaged by hand, a
+        # sharded head's rows are each rank's own
+        sharded = getattr(self.head, "sharded", False)
+        self._sync_head = ddp_wrap is not None and bool(self.head_params) and not sharded
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         fp16 = self.amp_dtype == torch.float16

@@ -55,6 +55,7 @@ class StepContext:
     autocast: Callable[[], contextlib.AbstractContextManager]
     gather: Callable[[torch.Tensor], torch.Tensor]
     plan: Callable[..., Any] | None = None
+    num_classes: int = 0  # identities of the training set (sizes a local pool index's map)
 
 
 class PlainStep:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ffc_ray.config import Config
+from ffc_ray.config import SHARDABLE_MARGINS, Config, ConfigError
+from ffc_ray.heads import parallel
 from ffc_ray.heads.base import Head, HeadOutput, upcast
 from ffc_ray.heads.margins import Margin, build_margin
 from ffc_ray.registry import HEADS
@@ -50,6 +51,51 @@ def fp32(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def local_target(labels: Tensor, start: int, end: int) -> Tensor:
+    """Column of each label in the shard [start, end), -1 where another shard owns it."""
+    own = (labels >= start) & (labels < end)
+    return torch.where(own, labels - start, torch.full_like(labels, -1))
+
+
+def owned_margin_logits(margin: Margin, cos: Tensor, target: Tensor, norms: Tensor) -> Tensor:
+    """Scaled logits of a shard's columns: the margin on the rows whose target it owns
+    (``target >= 0``), ``scale * cos`` on the others, as the full classifier has them."""
+    with_margin = margin(cos, target.clamp_min(0), norms)
+    plain = upcast(cos).clamp(-1.0, 1.0) * margin.scale
+    return torch.where((target >= 0)[:, None], with_margin, plain)
+
+
+def shard_of(num_classes: int, sharded: bool, margin: Margin, who: str) -> tuple[bool, int, int]:
+    """(sharded, start, end) of this rank's classes: all of them unless ``sharded`` in a
+    process group of several ranks."""
+    rank, size = parallel.world() if sharded else (0, 1)
+    if size == 1:
+        return False, 0, int(num_classes)
+    name = type(margin).__name__
+    if not getattr(margin, "shardable", False):
+        raise ConfigError(
+            f"config field 'head.margin_type': {who} sharded over {size} workers supports "
+            f"{', '.join(SHARDABLE_MARGINS)}; {name} is not among them"
+        )
+    if num_classes < size:
+        raise ConfigError(
+            f"config field 'head.parallel': {num_classes} classes cannot be sharded over "
+            f"{size} workers"
+        )
+    return (True, *parallel.shard_range(num_classes, rank, size))
+
+
+def init_rows(rows: Tensor, start: int) -> None:
+    """N(0, 0.01) class rows (arcface_torch). A shard draws from the run's RNG offset by its
+    first class, so shards differ and a run is reproducible at a fixed world size."""
+    if start == 0:
+        nn.init.normal_(rows, 0.0, 0.01)
+        return
+    gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())) + start)
+    with torch.no_grad():
+        rows.copy_(torch.randn(rows.shape, generator=gen, dtype=rows.dtype) * 0.01)
+
+
 def margin_logits(
     margin: Margin, cos: Tensor, labels: Tensor, norms: Tensor, weight: Tensor | None = None
 ) -> Tensor:
@@ -70,26 +116,44 @@ class FullFC(Head):
     batch), ``loss_extra`` (MagFace / AdaptiveFace regulariser, when the margin has one).
     """
 
-    def __init__(self, num_classes: int, embedding_dim: int, margin: Margin) -> None:
+    def __init__(
+        self, num_classes: int, embedding_dim: int, margin: Margin, *, sharded: bool = False
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"fc head: num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim))
-        nn.init.normal_(self.weight, 0.0, 0.01)
+        self.sharded, self.start, self.end = shard_of(num_classes, sharded, margin, "fc head")
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, self.embedding_dim))
+        init_rows(self.weight, self.start)
         self.margin = margin
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def from_config(cls, cfg: Config, num_classes: int) -> FullFC:
-        """The head of ``cfg`` (``head`` for the margin, ``model.embedding_dim``)."""
-        return cls(num_classes, cfg.model.embedding_dim, build_margin(cfg.head, num_classes))
+        """The head of ``cfg`` (``head`` for the margin and ``parallel``,
+        ``model.embedding_dim``)."""
+        margin = build_margin(cfg.head, num_classes)
+        sharded = cfg.head.parallel == "sharded"
+        return cls(num_classes, cfg.model.embedding_dim, margin, sharded=sharded)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes, "fc head")
         with fp32(embeddings.device):
+            if self.sharded:
+                return self._forward_sharded(upcast(embeddings), labels)
             return self._forward(upcast(embeddings), labels)
+
+    def _forward_sharded(self, emb: Tensor, labels: Tensor) -> HeadOutput:
+        """The global batch against this rank's rows; the softmax across the shards."""
+        emb, labels = parallel.gather(emb), parallel.gather_labels(labels)
+        target = local_target(labels, self.start, self.end)
+        cos = F.linear(F.normalize(emb, dim=1), F.normalize(upcast(self.weight), dim=1))
+        logits = owned_margin_logits(self.margin, cos, target, emb.norm(dim=1))
+        loss = parallel.cross_entropy(logits, target)
+        acc = parallel.top1(cos, target)
+        return HeadOutput(loss=loss, metrics={"loss_cls": float(loss.detach()), "acc": acc})
 
     def _forward(self, emb: Tensor, labels: Tensor) -> HeadOutput:
         norms = emb.norm(dim=1)

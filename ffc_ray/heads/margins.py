@@ -144,6 +144,7 @@ class Margin(nn.Module):
 
     EXTRAS: ClassVar[dict[str, float]] = {}  # margin_kwargs keys and their defaults
     fc_only: ClassVar[bool] = False  # needs learned class weights (FC head only)
+    shardable: ClassVar[bool] = False  # a class-sharded head may use it (heads/fc.py)
     needs_norms: ClassVar[bool] = False  # forward needs the raw embedding norms
     has_extra_loss: ClassVar[bool] = False
 
@@ -196,6 +197,8 @@ def _check_additive_margin(m: float, key: str = "head.margin") -> None:
 class NormSoftmax(Margin):
     """Normalised softmax: logits = s * cos, no margin (NormFace-style baseline)."""
 
+    shardable = True
+
     def apply_margin(self, cos: Tensor, target: Tensor, norms: Tensor | None) -> Tensor:
         return cos
 
@@ -209,6 +212,8 @@ class ArcFace(Margin):
     ``easy_margin`` the margin is applied only where cos > 0. Unlike arcface_torch's
     straight-through version, the gradient flows through the formula (as FFC's ``Arc`` loss).
     """
+
+    shardable = True
 
     def __init__(self, scale: float = 32.0, margin: float = 0.5, easy_margin: bool = False) -> None:
         super().__init__(scale)
@@ -232,6 +237,8 @@ class ArcFace(Margin):
 @MARGINS.register("am")
 class CosFace(Margin):
     """CosFace / AM-Softmax: target -> cos(theta_y) - m (CosFace eq. 4)."""
+
+    shardable = True
 
     def __init__(self, scale: float = 32.0, margin: float = 0.35) -> None:
         super().__init__(scale)
@@ -323,6 +330,8 @@ class SphereFace(_Annealed):
     from ``extra_step``). ``head.margin`` is rounded to the integer m (typically 4).
     """
 
+    shardable = True
+
     EXTRAS: ClassVar[dict[str, float]] = {
         "lambda_base": 1000.0,
         "lambda_gamma": 0.12,
@@ -412,6 +421,8 @@ class CombinedMargin(Margin):
     monotonic extension. As in the original combined-margin code there is no fallback: for
     m1 theta + m2 > pi the target logit is no longer monotonic in theta.
     """
+
+    shardable = True
 
     def __init__(self, scale: float = 32.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0):
         super().__init__(scale)

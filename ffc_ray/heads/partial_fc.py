@@ -25,8 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ffc_ray.config import Config, ConfigError
+from ffc_ray.heads import parallel
 from ffc_ray.heads.base import Head, HeadOutput, upcast
-from ffc_ray.heads.fc import check_batch, fp32, margin_logits
+from ffc_ray.heads.fc import (
+    check_batch,
+    fp32,
+    init_rows,
+    local_target,
+    margin_logits,
+    owned_margin_logits,
+    shard_of,
+)
 from ffc_ray.heads.margins import Margin, build_margin
 from ffc_ray.registry import HEADS
 
@@ -61,6 +70,7 @@ class PartialFC(Head):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         seed: int = 0,
+        sharded: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -69,14 +79,16 @@ class PartialFC(Head):
             raise ConfigError("config field 'optim.nesterov': nesterov needs optim.momentum > 0")
         self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)
+        self.sharded, self.start, self.end = shard_of(num_classes, sharded, margin, "partial_fc")
+        self.num_local = self.end - self.start  # rows held here: all, or this rank's block
         self.sample_rate = float(sample_rate)
-        self.num_sample = int(self.sample_rate * self.num_classes)
+        self.num_sample = int(self.sample_rate * self.num_local)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.nesterov = bool(nesterov)
         self.seed = int(seed)
-        self.register_buffer("weight", torch.empty(self.num_classes, self.embedding_dim))
-        torch.nn.init.normal_(self.weight, 0.0, 0.01)
+        self.register_buffer("weight", torch.empty(self.num_local, self.embedding_dim))
+        init_rows(self.weight, self.start)
         if self.momentum > 0:
             self.register_buffer("weight_momentum", torch.zeros_like(self.weight))
         else:
@@ -105,24 +117,28 @@ class PartialFC(Head):
             weight_decay=o.weight_decay,
             nesterov=o.nesterov,
             seed=cfg.train.seed,
+            sharded=cfg.head.parallel == "sharded",
         )
 
     # ---- sampling ----------------------------------------------------------------------------
     def sample(self, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """``(index, local_labels)``: sorted sampled class ids [S] and each label's column in them.
+        """``(index, local_labels)``: sorted sampled rows [S] of this head and each label's
+        column in them (``labels`` are row numbers: class ids, or a shard's own classes minus
+        its first).
 
-        Random draws come from a CPU ``torch.Generator`` seeded with (train.seed, steps), so the
-        sample is the same on any device and after a resume.
+        Random draws come from a CPU ``torch.Generator`` seeded with (train.seed, steps, the
+        shard's first class), so the sample is the same on any device and after a resume.
         """
         device = labels.device
-        if self.num_sample >= self.num_classes:
-            index = torch.arange(self.num_classes, device=device)
+        if self.num_sample >= self.num_local:
+            index = torch.arange(self.num_local, device=device)
             return index, labels
         positive = torch.unique(labels)  # sorted
         if self.num_sample >= positive.numel():
             gen = torch.Generator(device="cpu")
-            gen.manual_seed((self.seed * _SEED_STRIDE + int(self.steps)) % (2**63))
-            score = torch.rand(self.num_classes, generator=gen)
+            key = self.seed * _SEED_STRIDE + int(self.steps) + self.start * _SEED_STRIDE**2
+            gen.manual_seed(key % (2**63))
+            score = torch.rand(self.num_local, generator=gen)
             score[positive.cpu()] = 2.0  # positives first, then uniform negatives
             index = torch.topk(score, self.num_sample).indices.sort().values.to(device)
         else:
@@ -137,12 +153,37 @@ class PartialFC(Head):
                 "partial_fc head: forward called again before extra_step applied the previous "
                 "step's gradient to the sampled rows (call head.extra_step(lr) after backward)"
             )
-        index, local = self.sample(labels)
+        if self.sharded:
+            embeddings = parallel.gather(embeddings)
+            target = local_target(parallel.gather_labels(labels), self.start, self.end)
+            owned = (target >= 0).nonzero().squeeze(1)
+            index, cols = self.sample(target[owned])
+            local = target.clone()
+            local[owned] = cols
+        else:
+            index, local = self.sample(labels)
         sampled = self.weight.index_select(0, index).requires_grad_(torch.is_grad_enabled())
         if sampled.requires_grad:
             self._index, self._sampled = index, sampled
         with fp32(embeddings.device):
+            if self.sharded:
+                return self._forward_sharded(upcast(embeddings), local, index, sampled)
             return self._forward(upcast(embeddings), local, index, sampled)
+
+    def _forward_sharded(
+        self, emb: Tensor, local: Tensor, index: Tensor, sampled: Tensor
+    ) -> HeadOutput:
+        """The global batch against this shard's sampled rows (``local``: the target's column
+        among them, -1 where another shard owns it); the softmax across the shards."""
+        cos = F.linear(F.normalize(emb, dim=1), F.normalize(sampled, dim=1))
+        logits = owned_margin_logits(self.margin, cos, local, emb.norm(dim=1))
+        loss = parallel.cross_entropy(logits, local)
+        metrics = {
+            "loss_cls": float(loss.detach()),
+            "num_sampled": float(index.numel()),
+            "acc": parallel.top1(cos, local),
+        }
+        return HeadOutput(loss=loss, metrics=metrics)
 
     def _forward(self, emb: Tensor, local: Tensor, index: Tensor, sampled: Tensor) -> HeadOutput:
         norms = emb.norm(dim=1)

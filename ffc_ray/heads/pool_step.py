@@ -4,7 +4,7 @@
 2. G-Net features of both views under ``no_grad`` (train-mode BN, as the official code), passed
    through the ``gather`` hook (all-gather across workers, rank order; identity in one process);
 3. ONE ``plan`` call with this worker's four label arrays (trial gallery y, trial probes x,
-   commit gallery x, commit probes y) -> :class:`~ffc_ray.pool.index.StepSlots` for the
+   commit gallery x, commit probes y) -> :class:`~ffc_ray.pool.plan.StepSlots` for the
    gathered galleries and this worker's probes (a local ``PoolIndex`` in one process; in Ray the
    pool actor, whose planner gathers every rank's labels once per step);
 4. pass A (trial; skipped when ``head.symmetric`` is false): P(x) probes, write G(y) into the
@@ -28,7 +28,8 @@ from torch import nn
 
 from ffc_ray.engine.ema import ema_update
 from ffc_ray.heads.base import StepContext, upcast
-from ffc_ray.pool.index import PoolIndex, StepSlots, plan_step
+from ffc_ray.pool.index import PoolIndex
+from ffc_ray.pool.plan import StepSlots, plan_step
 
 if TYPE_CHECKING:
     from ffc_ray.config import Config
@@ -50,7 +51,8 @@ class PoolStep:
         for prm in self.gnet.parameters():
             prm.requires_grad_(False)
         self.gnet.train()  # official: batch-statistics BN inside no_grad
-        self.index = PoolIndex(head.capacity, cfg.pool.policy) if ctx.plan is None else None
+        local = ctx.plan is None
+        self.index = PoolIndex(head.capacity, cfg.pool.policy, ctx.num_classes) if local else None
 
     def _plan(self, tg: np.ndarray, tp: np.ndarray, cg: np.ndarray, cp: np.ndarray) -> StepSlots:
         if self.ctx.plan is not None:

@@ -3,7 +3,7 @@
 Why an actor: the identity -> slot map of the Dynamic Class Pool (F2C, section 3.2; the official
 LRU in docs/reference.md 1.1) must advance exactly once per step for the whole data-parallel
 group. Rank 0 sends the step's gathered labels in ONE call (trial gallery + trial probes, rollback,
-commit gallery + commit probes, i.e. :func:`~ffc_ray.pool.index.plan_step`) and broadcasts the
+commit gallery + commit probes, i.e. :func:`~ffc_ray.pool.plan.plan_step`) and broadcasts the
 answer, so the replicated pool buffers on every worker receive identical writes.
 
 Protocol (what makes the call safe under restarts and retries):
@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from ffc_ray.pool.index import PoolIndex, StepSlots, plan_step
+from ffc_ray.pool.index import PoolIndex
+from ffc_ray.pool.plan import StepSlots, plan_step
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +190,13 @@ def index_checksum(state: dict[str, Any]) -> str:
 class PoolIndexActor:
     """Actor body (wrapped by :func:`create_pool_actor`); one per run, one call per step."""
 
-    def __init__(self, capacity: int, policy: str = "lru") -> None:
+    def __init__(self, capacity: int, policy: str = "lru", num_labels: int = 0) -> None:
         if not 0 < int(capacity) < 2**31:
             raise ValueError(f"pool capacity {capacity} must be in [1, 2**31)")
         self._capacity = int(capacity)
         self._policy = str(policy)
-        self._index = PoolIndex(self._capacity, self._policy)
+        self._num_labels = int(num_labels)
+        self._index = self._new_index()
         self._step: int | None = None  # None: no state yet (new or restarted actor)
         self._cache: tuple[int, np.ndarray] | None = None
         self._plans = 0
@@ -214,16 +216,19 @@ class PoolIndexActor:
             "plans": self._plans,
         }
 
+    def _new_index(self) -> PoolIndex:
+        return PoolIndex(self._capacity, self._policy, self._num_labels)
+
     def reset(self) -> int:
         """Empty index at step 0 (a fresh run, or a restart before the first checkpoint)."""
-        self._index = PoolIndex(self._capacity, self._policy)
+        self._index = self._new_index()
         self._step = 0
         self._cache = None
         return 0
 
     def load_state(self, state: dict[str, Any] | None, step: int) -> str:
         """Restore the index saved with the checkpoint of ``step``; returns its checksum."""
-        index = PoolIndex(self._capacity, self._policy)
+        index = self._new_index()
         if state is not None:
             index.load_state_dict(state)
         self._index = index
@@ -288,6 +293,7 @@ def create_pool_actor(
     capacity: int,
     policy: str = "lru",
     *,
+    num_labels: int = 0,
     namespace: str | None = None,
     timeout_s: float = 120.0,
 ) -> Any:
@@ -312,7 +318,7 @@ def create_pool_actor(
             max_restarts=-1,
             max_task_retries=-1,
             max_concurrency=1,
-        ).remote(int(capacity), str(policy))
+        ).remote(int(capacity), str(policy), int(num_labels))
         try:
             ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
             info = ray.get(handle.info.remote(), timeout=timeout_s)

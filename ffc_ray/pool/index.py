@@ -46,7 +46,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PoolIndex", "StepSlots", "plan_step"]
+__all__ = ["POLICIES", "PoolIndex", "as_labels"]
 
 POLICIES = ("lru", "fifo")
 _STATE_VERSION = 1
@@ -73,7 +73,7 @@ def _filled(n: int, value: int) -> np.ndarray:
     return a
 
 
-def _as_labels(labels: Any, what: str = "labels") -> np.ndarray:
+def as_labels(labels: Any, what: str = "labels") -> np.ndarray:
     """Validate ``labels`` (1-D, integer dtype, non-negative) and return them as int64."""
     arr = np.asarray(labels)
     if arr.ndim != 1:
@@ -182,7 +182,7 @@ class PoolIndex:
     Picklable (through :meth:`state_dict`).
     """
 
-    def __init__(self, capacity: int, policy: str = "lru") -> None:
+    def __init__(self, capacity: int, policy: str = "lru", num_labels: int = 0) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
             raise ValueError(f"PoolIndex capacity must be an int, got {capacity!r}")
         if not 1 <= int(capacity) < 2**31:
@@ -193,7 +193,9 @@ class PoolIndex:
         self.policy = policy
         self.evictions_last = 0
         self.cascades_last = 0
-        self._dense_limit = 4 * self.capacity + _DENSE_EXTRA
+        # labels below this live in the dense map: the run's label count when given (the map
+        # grows to it on demand, 4 bytes a label), else a bound for unknown label spaces
+        self._dense_limit = max(4 * self.capacity + _DENSE_EXTRA, int(num_labels))
         self._reset()
 
     # ------------------------------------------------------------------ internal state
@@ -366,7 +368,7 @@ class PoolIndex:
             raise RuntimeError(
                 "PoolIndex: a try_assign is pending; call rollback() or commit() first"
             )
-        lab = _as_labels(labels)
+        lab = as_labels(labels)
         n = lab.size
         cap = self.capacity
         if n == 0:
@@ -399,52 +401,13 @@ class PoolIndex:
         nonmem = ~member
         b_u, b_t = self._by_time(first[nonmem], nonmem.nonzero()[0], n)
         e_base = max(0, b_u.size - free)
-
         casc_u: list[int] = []
         casc_t: list[int] = []
-        victims = np.empty(0, np.int64)
-        ev_lab = np.empty(0, np.int64)
-        new_head = self._head
+        victims, new_head = np.empty(0, np.int64), self._head
         if e_base > 0:
-            # candidates from the head of the eviction order; a small window first (members of
-            # the batch rarely sit there), the provably sufficient one if that is not enough
-            mem_u = member.nonzero()[0]
-            gen = self._scratch_gen
-            if gen + d >= 1 << 30:  # keep int32 scratch arithmetic far from overflow
-                self._scratch.fill(-1)
-                gen = 0
-            self._scratch_gen = gen + d
-            self._scratch[old[mem_u]] = mem_u + gen
-            w_max = min(size, e_base + mem_u.size)
-            # expected batch members among the first e_base candidates, with a wide margin
-            expect = (mem_u.size * e_base) // max(size, 1)
-            w = min(w_max, e_base + 4 * expect + (e_base >> 6) + 32)
-            while True:
-                win_pos, win_slot = self._window(w)
-                # candidate's index in the batch (< 0: absent): the per-slot scratch holds
-                # gen + index for this call's members, older calls' values are below gen
-                win_u = self._scratch[win_slot] - gen
-                spec = (win_u >= 0).nonzero()[0]
-                del casc_u[:], casc_t[:]
-                if spec.size == 0 or spec[0] >= e_base:
-                    vpos = _arange(e_base)
-                elif self.policy == "lru":
-                    vpos = self._victims_lru(
-                        spec, win_u, first, b_t, free, e_base, w, casc_u, casc_t
-                    )
-                else:
-                    vpos = self._victims_fifo(
-                        spec, win_u, ulab, sl, times, b_t, free, e_base, w, casc_u, casc_t
-                    )
-                if vpos is not None or w == w_max:
-                    break
-                w = w_max
-            if vpos is None:  # pragma: no cover - invariant
-                raise AssertionError("PoolIndex: eviction window too small")
-            victims = win_slot[vpos]
-            ev_lab = self._slot_label[victims]
-            # every valid entry up to the last victim is now stale (victim or touched)
-            new_head = int(win_pos[vpos[-1]]) + 1
+            victims, new_head = self._evict(
+                old, member, ulab, first, sl, times, b_t, free, e_base, casc_u, casc_t
+            )
         n_casc = len(casc_u)
         if n_casc:
             miss_u, miss_t = self._by_time(
@@ -475,18 +438,92 @@ class PoolIndex:
             slots[times] = new_slot[gid]
         new = np.zeros(n, bool)
         new[miss_t] = True
-
-        # ---- state update (nothing above changed the pool's contents)
-        miss_lab = ulab[miss_u]
-        clock = self._clock
         if self.policy == "lru":
             o, s_t = self._by_time(last, _arange(d), n)  # touched, by last occurrence
             s_slot = new_slot[o]
         else:
             s_slot, s_t = miss_slot, miss_t
+        self._write(ulab[miss_u], miss_slot, old[miss_u], victims, n_free, s_slot, s_t, n, record)
+        self._head = new_head
+        self.cascades_last = n_casc
+        return slots, new
+
+    def _evict(
+        self,
+        old: np.ndarray,
+        member: np.ndarray,
+        ulab: np.ndarray,
+        first: np.ndarray,
+        sl: np.ndarray,
+        times: np.ndarray,
+        b_t: np.ndarray,
+        free: int,
+        e_base: int,
+        casc_u: list[int],
+        casc_t: list[int],
+    ) -> tuple[np.ndarray, int]:
+        """(victim slots, the new head of the eviction order) for ``e_base`` base misses on a
+        full pool; members of this call evicted on the way (cascades) go to ``casc_u`` /
+        ``casc_t``.
+
+        Candidates come from the head of the eviction order; a small window first (members of
+        the batch rarely sit there), the provably sufficient one if that is not enough.
+        """
+        d, size = ulab.size, self._size
+        mem_u = member.nonzero()[0]
+        gen = self._scratch_gen
+        if gen + d >= 1 << 30:  # keep int32 scratch arithmetic far from overflow
+            self._scratch.fill(-1)
+            gen = 0
+        self._scratch_gen = gen + d
+        self._scratch[old[mem_u]] = mem_u + gen
+        w_max = min(size, e_base + mem_u.size)
+        # expected batch members among the first e_base candidates, with a wide margin
+        expect = (mem_u.size * e_base) // max(size, 1)
+        w = min(w_max, e_base + 4 * expect + (e_base >> 6) + 32)
+        while True:
+            win_pos, win_slot = self._window(w)
+            # candidate's index in the batch (< 0: absent): the per-slot scratch holds
+            # gen + index for this call's members, older calls' values are below gen
+            win_u = self._scratch[win_slot] - gen
+            spec = (win_u >= 0).nonzero()[0]
+            del casc_u[:], casc_t[:]
+            if spec.size == 0 or spec[0] >= e_base:
+                vpos = _arange(e_base)
+            elif self.policy == "lru":
+                vpos = self._victims_lru(spec, win_u, first, b_t, free, e_base, w, casc_u, casc_t)
+            else:
+                vpos = self._victims_fifo(
+                    spec, win_u, ulab, sl, times, b_t, free, e_base, w, casc_u, casc_t
+                )
+            if vpos is not None or w == w_max:
+                break
+            w = w_max
+        if vpos is None:  # pragma: no cover - invariant
+            raise AssertionError("PoolIndex: eviction window too small")
+        # every valid entry up to the last victim is now stale (victim or touched)
+        return win_slot[vpos], int(win_pos[vpos[-1]]) + 1
+
+    def _write(
+        self,
+        miss_lab: np.ndarray,
+        miss_slot: np.ndarray,
+        miss_old: np.ndarray,
+        victims: np.ndarray,
+        n_free: int,
+        s_slot: np.ndarray,
+        s_t: np.ndarray,
+        n: int,
+        record: bool,
+    ) -> None:
+        """The state update of one call (nothing before it changed the pool's contents):
+        misses take their slots (free ones first, then the victims'), the touched slots
+        ``s_slot`` get stamps at call times ``s_t``, and with ``record`` the undo record."""
+        ev_lab = self._slot_label[victims]
+        size, clock = self._size, self._clock
         s_stamp = s_t + clock
         if record:
-            old_labels = np.empty(n_miss, np.int64)
+            old_labels = np.empty(miss_slot.size, np.int64)
             old_labels[:n_free] = -1
             old_labels[n_free:] = ev_lab
             self._undo = _Undo(
@@ -499,7 +536,7 @@ class PoolIndex:
                 stamp_slots=s_slot,
                 old_stamps=self._stamp[s_slot],
                 map_keys=np.concatenate((miss_lab, ev_lab)),
-                map_vals=np.concatenate((old[miss_u], victims)),
+                map_vals=np.concatenate((miss_old, victims)),
             )
         if ev_lab.size:
             self._map_set(ev_lab, _filled(ev_lab.size, -1))
@@ -513,10 +550,7 @@ class PoolIndex:
         self._log_stamp[t : t + k] = s_stamp
         self._tail = t + k
         self._clock = clock + n
-        self._head = new_head
         self.evictions_last = int(victims.size)
-        self.cascades_last = n_casc
-        return slots, new
 
     @staticmethod
     def _victims_lru(
@@ -613,7 +647,7 @@ class PoolIndex:
 
         This is the official ``view``: probe labels mapped after the gallery insertion.
         """
-        return self._lookup_raw(_as_labels(labels)).astype(np.int64, copy=False)
+        return self._lookup_raw(as_labels(labels)).astype(np.int64, copy=False)
 
     def assign(
         self, labels: Any, return_new: bool = False
@@ -680,7 +714,7 @@ class PoolIndex:
             raise ValueError(
                 f"PoolIndex state 'policy' = {state['policy']!r} != this index's {self.policy!r}"
             )
-        labels = _as_labels(state["labels"], "PoolIndex state 'labels'")
+        labels = as_labels(state["labels"], "PoolIndex state 'labels'")
         size = labels.size
         if size > self.capacity:
             raise ValueError(
@@ -730,65 +764,3 @@ class PoolIndex:
 
     def __repr__(self) -> str:
         return f"PoolIndex(capacity={self.capacity}, policy={self.policy!r}, held={self._size})"
-
-
-@dataclass
-class StepSlots:
-    """Everything the FFC head needs from the pool index for one step (int64 / bool arrays).
-
-    trial_*: pass A (try_assign of the trial gallery, lookup of the trial probes, rolled back);
-    commit_*: pass B (assign of the commit gallery, lookup of the commit probes). ``*_new`` marks
-    gallery occurrences that started fresh in their slot; probes hold -1 where the identity is
-    not in the pool (negatives). ``evictions`` and ``occupancy`` describe the committed state.
-    """
-
-    trial_gallery: np.ndarray
-    trial_new: np.ndarray
-    trial_probe: np.ndarray
-    commit_gallery: np.ndarray
-    commit_new: np.ndarray
-    commit_probe: np.ndarray
-    evictions: int
-    occupancy: int
-
-
-def plan_step(
-    index: PoolIndex,
-    trial_gallery: Any,
-    trial_probe: Any,
-    commit_gallery: Any,
-    commit_probe: Any,
-) -> StepSlots:
-    """One step's pool bookkeeping in one call (one actor round trip in distributed runs).
-
-    try_assign(trial_gallery) -> lookup(trial_probe) -> rollback -> assign(commit_gallery)
-    -> lookup(commit_probe). An empty trial gallery skips the try/rollback (the trial probes are
-    then looked up in the current state, which is what a try of nothing would give).
-    Labels are validated before the index is touched and the trial is always rolled back, so an
-    error (bad label, too many distinct labels) leaves the index as it was.
-    """
-    tg = _as_labels(trial_gallery, "trial_gallery")
-    tp = _as_labels(trial_probe, "trial_probe")
-    cg = _as_labels(commit_gallery, "commit_gallery")
-    cp = _as_labels(commit_probe, "commit_probe")
-    if tg.size:
-        t_slots, t_new = index.try_assign(tg, return_new=True)
-        try:
-            t_probe = index.lookup(tp)
-        finally:
-            index.rollback()
-    else:
-        t_slots, t_new = np.empty(0, np.int64), np.empty(0, bool)
-        t_probe = index.lookup(tp)
-    c_slots, c_new = index.assign(cg, return_new=True)
-    c_probe = index.lookup(cp)
-    return StepSlots(
-        trial_gallery=t_slots,
-        trial_new=t_new,
-        trial_probe=t_probe,
-        commit_gallery=c_slots,
-        commit_new=c_new,
-        commit_probe=c_probe,
-        evictions=int(index.evictions_last),
-        occupancy=len(index),
-    )

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 
@@ -34,7 +35,7 @@ from ffc_ray.pool.actor import (
     status_answer,
     unpack_slots,
 )
-from ffc_ray.pool.index import StepSlots
+from ffc_ray.pool.plan import StepSlots
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,6 @@ class ActorPlanner:
 
     def _answer(self, pending: dict[str, Any]) -> np.ndarray:
         """Rank 0: wait for the answer; failures become a status so that every rank can raise."""
-        import ray
 
         t_wait = time.perf_counter()
         try:

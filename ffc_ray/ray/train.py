@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from ffc_ray import storage
 from ffc_ray.config import Config
+from ffc_ray.data.source import num_training_classes
 from ffc_ray.engine.loop import Callback
 from ffc_ray.eval.sets import SCORE_KEY
+from ffc_ray.pool.actor import create_pool_actor, kill_pool_actor
 from ffc_ray.preflight import check_data_cpus, check_run
 from ffc_ray.ray.run_dir import (
     check_run_name,
@@ -78,8 +83,6 @@ def build_torch_trainer(
 ) -> Any:
     """The TorchTrainer: scaling, failures, checkpoint ranking and storage from ``cfg``;
     ``callbacks``: ``ray.train.UserCallback`` instances (e.g. Tune's report callback)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     r = cfg.ray
     resources: dict[str, float] = {"CPU": float(r.cpus_per_worker)}
@@ -127,7 +130,8 @@ def run_training(
     """
     name = check_run_name(name or default_run_name(cfg, config_path))
     cfg = resolve_paths(cfg)
-    capacity = check_run(cfg)
+    num_classes = num_training_classes(cfg)
+    capacity = check_run(cfg, num_classes)
     start_ray(address or cfg.ray.address)
     check_data_cpus(cfg, cluster_cpus())
 
@@ -142,9 +146,7 @@ def run_training(
 
     actor = None
     if cfg.has_pool:
-        from ffc_ray.pool.actor import create_pool_actor
-
-        actor = create_pool_actor(name, capacity, cfg.pool.policy)
+        actor = create_pool_actor(name, capacity, cfg.pool.policy, num_labels=num_classes)
     loop_config = {
         "config": cfg.to_dict(),
         "run_dir": str(run_dir),
@@ -165,8 +167,6 @@ def run_training(
         result = trainer.fit()
     finally:
         if actor is not None and not keep_actor:
-            from ffc_ray.pool.actor import kill_pool_actor
-
             kill_pool_actor(actor)
     return TrainRun(
         result=result,

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -44,15 +47,19 @@ from ffc_ray.data.source import WorkerData
 from ffc_ray.engine.checkpoint import (
     META_FILE,
     load_checkpoint_state,
+    load_head_shard,
     model_checksum,
     pool_checksum,
     rng_state,
     set_rng_state,
     write_checkpoint,
+    write_head_shard,
 )
 from ffc_ray.engine.loop import Callback, LoopState, train_loop
 from ffc_ray.engine.trainer import Trainer
+from ffc_ray.eval.figures import histogram_image, roc_image
 from ffc_ray.eval.sets import SCORE_KEY, evaluate_sets, load_eval_sets
+from ffc_ray.pool.actor import index_checksum
 from ffc_ray.ray import dist as rdist
 from ffc_ray.ray.run_dir import (
     pull_progress,
@@ -74,7 +81,6 @@ NOT_EVALUATED = -1.0
 
 def log_eval_figures(logger: RunLogger, step: int, full: dict[str, dict[str, Any]]) -> None:
     """ROC curve and same / different similarity histogram per set, as TensorBoard images."""
-    from ffc_ray.eval.figures import histogram_image, roc_image
 
     for name, res in full.items():
         logger.image(step, f"eval/{name}/roc", roc_image(res))
@@ -100,8 +106,6 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 def _worker_device(cfg: Config) -> torch.device:
     if cfg.ray.use_gpu:
-        import ray.train.torch
-
         return ray.train.torch.get_device()
     if cfg.train.device not in ("auto", "cpu"):
         raise ConfigError(f"config field 'train.device': {cfg.train.device!r} needs ray.use_gpu")
@@ -109,7 +113,6 @@ def _worker_device(cfg: Config) -> torch.device:
 
 
 def _ddp_wrap(module: torch.nn.Module) -> torch.nn.Module:
-    import ray.train.torch
 
     return ray.train.torch.prepare_model(module, move_to_device=False)
 
@@ -195,8 +198,6 @@ def _restore(
 ) -> dict[str, Any]:
     """Load Ray Train's latest checkpoint into the trainer (and, rank 0, the actor's index);
     a fresh run resets the actor. Returns what the ``restore`` event records ({} when fresh)."""
-    import ray
-    import ray.train
 
     ckpt = ray.train.get_checkpoint()
     info: dict[str, Any] = {}
@@ -207,6 +208,8 @@ def _restore(
         with ckpt.as_directory() as d:
             state = load_checkpoint_state(d)
             meta = json.loads((Path(d) / META_FILE).read_text())
+            if getattr(trainer.head, "sharded", False):
+                state["trainer"].update(load_head_shard(d, rank, dist.get_world_size()))
         trainer.load_state_dict(state["trainer"])
         rngs = state.get("rng") or []
         if rank < len(rngs) and rngs[rank] is not None:
@@ -291,7 +294,6 @@ def _step_metrics(
 def _setup_worker(loop_config: dict[str, Any]) -> tuple:
     """(cfg, run folder, run URI, actor, rank, world, device) of this worker, its RNGs seeded
     per rank."""
-    import ray.train
 
     cfg = Config.from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
@@ -377,8 +379,6 @@ class _Report(Callback):
             if w.run_uri and w.rank == 0:
                 push_run_dir(w.run_dir, w.run_uri)
         else:
-            import ray.train
-
             ray.train.report(report)
         w.logger.flush()
 
@@ -444,9 +444,6 @@ def _finish(
 
 def _report_with_checkpoint(report: dict[str, Any], trainer: Any, w: _Worker) -> None:
     """All ranks call ``ray.train.report``; rank 0 attaches the checkpoint folder."""
-    import ray
-    import ray.train
-    from ray.train import Checkpoint
 
     rngs = _gather_objects(rng_state())
     epoch, position = w.data.position(trainer.step)
@@ -460,7 +457,6 @@ def _report_with_checkpoint(report: dict[str, Any], trainer: Any, w: _Worker) ->
                     raise rdist.PoolActorLost(
                         f"pool actor is at step {actor_step} while saving step {trainer.step}"
                     )
-                from ffc_ray.pool.actor import index_checksum
 
                 index_sum = index_checksum(index_state)
             meta = write_checkpoint(
@@ -475,7 +471,10 @@ def _report_with_checkpoint(report: dict[str, Any], trainer: Any, w: _Worker) ->
                 metrics=report,
                 num_shards=w.data.num_shards,
             )
-            checkpoint = Checkpoint.from_directory(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        if getattr(trainer.head, "sharded", False):  # every rank adds its rows
+            write_head_shard(Path(tmp), trainer, w.rank, w.world)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(report, checkpoint=checkpoint)
         if w.rank == 0:  # persisted now (Ray registers it with the run right after)
             w.logger.event(

@@ -17,7 +17,8 @@ from ffc_ray.pool.actor import (
     pack_slots,
     unpack_slots,
 )
-from ffc_ray.pool.index import PoolIndex, StepSlots, plan_step
+from ffc_ray.pool.index import PoolIndex
+from ffc_ray.pool.plan import StepSlots, plan_step
 
 
 def _steps(n_steps: int, n: int, num_ids: int, seed: int) -> list[tuple[np.ndarray, ...]]:

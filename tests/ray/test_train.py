@@ -375,3 +375,41 @@ def test_two_worker_ffc_step_gathers_labels_once(ray_session, tmp_path: Path) ->
             ["torch.float32", n, d],  # G(y), the trial gallery
             ["torch.float32", n, d],  # G(x), the commit gallery
         ], calls
+
+
+def test_two_worker_sharded_partial_fc_learns_and_resumes_exactly(
+    ray_session, tmp_path: Path
+) -> None:
+    """Partial FC sharded over two workers: the loss falls, every checkpoint holds one head
+    shard per rank, and a run stopped at step 8 and started again ends where the uninterrupted
+    run ends (each rank restores its own rows and their momentum)."""
+    from ffc_ray.engine.loop import StopAfter
+
+    cfg = small_cfg(
+        tmp_path,
+        **{
+            "head.type": "partial_fc",
+            "head.parallel": "sharded",
+            "head.margin_type": "cosface",
+            "head.margin": 0.2,
+            "head.scale": 16.0,
+            "head.sample_rate": 0.5,
+            "train.steps": 16,
+            "train.eval_interval": 16,
+        },
+    )
+    full = run_training(cfg, name="pfc-full")
+    first = run_training(cfg, name="pfc-split", loop_callbacks=[StopAfter(8)])
+    second = run_training(cfg, name="pfc-split")
+    assert full.result.error is None and second.summary["start_step"] == 8
+    a, b = last_per_step(progress(full.run_dir)[0]), last_per_step(progress(second.run_dir)[0])
+    losses = np.array([a[k]["loss"] for k in sorted(a)])
+    assert losses[-4:].mean() < losses[:4].mean() - 0.5  # it learns
+    np.testing.assert_allclose([b[k]["loss"] for k in sorted(b)], losses, rtol=1e-5, atol=1e-6)
+    ckpt = checkpoints_by_step(first.run_dir)[8]
+    assert sorted(p.name for p in ckpt.glob("head-*")) == ["head-0-of-2.pt", "head-1-of-2.pt"]
+    from ffc_ray.engine.checkpoint import load_head_shard
+
+    n = load_state(ckpt)["num_classes"]
+    rows = [load_head_shard(ckpt, r, 2)["head"]["weight"].shape[0] for r in (0, 1)]
+    assert rows == [(n + 1) // 2, n // 2]  # contiguous halves of the training identities

@@ -97,9 +97,17 @@ def test_pool_smaller_than_a_step_is_reported_before_training():
     assert check_run(load_config(None, ["pool.fraction=0.1"])) == 100  # read from the data
 
 
-def test_partial_fc_on_several_workers_is_refused_when_the_config_is_built():
-    with pytest.raises(ConfigError, match="'ray.num_workers'.*partial_fc"):
+def test_partial_fc_on_several_workers_runs_sharded_only():
+    with pytest.raises(ConfigError, match="'head.parallel'.*partial_fc.*sharded"):
         load_config(None, ["head.type=partial_fc", "ray.num_workers=2"])
+    cfg = load_config(None, ["head.type=partial_fc", "ray.num_workers=2", "head.parallel=sharded"])
+    assert cfg.head.parallel == "sharded"
+    with pytest.raises(ConfigError, match="'head.parallel'.*fc and partial_fc"):
+        load_config(None, ["head.type=ffc", "head.parallel=sharded"])
+    with pytest.raises(ConfigError, match="'head.margin_type'.*curricularface.*sharded"):
+        load_config(
+            None, ["head.type=fc", "head.parallel=sharded", "head.margin_type=curricularface"]
+        )
 
 
 def test_registry_backed_fields_accept_exactly_the_registered_names():

@@ -388,3 +388,27 @@ def test_log_compaction_keeps_order() -> None:
             _eq(idx.assign(batch), ref.assign(batch)[0], f"slots of {batch.tolist()}")
         assert idx._log_slot.size < 2000
         _check_order(idx, ref)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo"])
+def test_an_index_sized_for_the_label_count_matches_the_reference(policy: str) -> None:
+    """Labels far past 4 C + 2**20 (N = 10 C with C large): the index sized for N keeps them
+    in its dense map, the unsized one in its dict; both follow the naive reference."""
+    rng = np.random.default_rng(7)
+    cap = 300_000
+    n = 10 * cap  # > 4 * cap + 2**20
+    sized, unsized = PoolIndex(cap, policy, num_labels=n), PoolIndex(cap, policy)
+    ref = NaivePool(cap, policy)
+    for _ in range(4):
+        batch = rng.integers(0, n, size=2048)
+        batch[:8] = n - 1 - np.arange(8)  # the very top of the label space
+        want, want_new = ref.assign(batch)
+        for idx in (sized, unsized):
+            got, new = idx.assign(batch, return_new=True)
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(new, want_new)
+    probe = rng.integers(0, n, size=5000)
+    np.testing.assert_array_equal(sized.lookup(probe), unsized.lookup(probe))
+    back = PoolIndex(cap, policy, num_labels=n)
+    back.load_state_dict(unsized.state_dict())
+    np.testing.assert_array_equal(back.lookup(probe), sized.lookup(probe))

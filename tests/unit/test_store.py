@@ -20,7 +20,6 @@ from ffc_ray.data.store import (
     INDEX_FILE,
     META_FILE,
     StoreError,
-    StoreWriter,
     close_cached_envs,
     open_store,
     progress_bar,
@@ -29,6 +28,7 @@ from ffc_ray.data.store import (
     verify_store,
 )
 from ffc_ray.data.transforms import ImageDecodeError, encode_image
+from ffc_ray.data.writer import StoreWriter
 
 
 def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:

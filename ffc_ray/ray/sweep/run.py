@@ -8,10 +8,12 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ffc_ray.config import ConfigError, check_name
+from ffc_ray.preflight import check_data_cpus
 from ffc_ray.ray.start import cluster_cpus, start_ray
 from ffc_ray.ray.sweep.experiment import (
     experiment_dir,
@@ -67,6 +69,52 @@ def run_sweep(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # completed trials saved promptly
     if verbose == 0:  # Tune's new console output prints its header (and a TB path) even then
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    prepare_experiment(spec, exp_dir, exp_uri, url, resume)
+
+    start_ray(address, num_cpus, log_to_driver, need_dashboard=True)
+    concurrent = int(spec.tune.max_concurrent or 1)
+    check_data_cpus(spec.base, cluster_cpus(), concurrent, float(spec.tune.trial_cpus))
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            trial_driver,
+            spec=spec,
+            exp_dir=exp_uri or str(exp_dir),
+            staging=str(exp_dir) if exp_uri else None,
+        ),
+        {"cpu": float(spec.tune.trial_cpus)},
+    )
+    progress = SweepProgress(spec, str(exp_dir), exp_uri)
+    if resume:
+        log.info("sweep %s: resuming %s", spec.name, exp_uri or exp_dir)
+        tuner = tune.Tuner.restore(
+            exp_uri or str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        progress.tb.write_experiment()
+        storage_path = str(storage) if exp_uri else str(exp_dir.parent)
+        searcher = build_searcher(spec, exp_dir, spec.name)
+        tuner = new_tuner(spec, trainable, searcher, storage_path, [progress], verbose)
+        log.info(
+            "sweep %s: %d trials (%d at a time), objectives %s, ASHA %s, Optuna %s, folder %s",
+            spec.name,
+            spec.tune.num_samples,
+            spec.tune.max_concurrent,
+            ", ".join(f"{o.metric} ({o.mode})" for o in objectives_of(spec)),
+            "off" if build_scheduler(spec) is None else dict(spec.tune.asha or {}),
+            url,
+            exp_uri or exp_dir,
+        )
+    grid = tuner.fit()
+    return write_outputs(spec, exp_dir, grid, url, time.time() - t0, exp_uri)
+
+
+def prepare_experiment(
+    spec: SweepSpec, exp_dir: Path, exp_uri: str | None, url: str, resume: bool
+) -> None:
+    """The experiment folder before Ray starts: a new sweep needs an empty folder and a new
+    Optuna study, a resumed one a Tune experiment there; the sweep as run is recorded in
+    ``sweep.yaml`` (a different one on resume is kept aside with a warning)."""
+    import ray.tune as tune
 
     if exp_uri is not None:
         prepare_remote_sweep(spec, exp_dir, exp_uri, resume)
@@ -96,55 +144,33 @@ def run_sweep(
     if exp_uri is not None:
         push_sweep(exp_dir, exp_uri)  # the record (and a first study snapshot) up front
 
-    start_ray(address, num_cpus, log_to_driver, need_dashboard=True)
-    from ffc_ray.preflight import check_data_cpus
 
-    concurrent = int(spec.tune.max_concurrent or 1)
-    check_data_cpus(spec.base, cluster_cpus(), concurrent, float(spec.tune.trial_cpus))
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            trial_driver,
-            spec=spec,
-            exp_dir=exp_uri or str(exp_dir),
-            staging=str(exp_dir) if exp_uri else None,
+def new_tuner(
+    spec: SweepSpec,
+    trainable: Any,
+    searcher: Any,
+    storage_path: str,
+    callbacks: list[Any],
+    verbose: int,
+) -> Any:
+    """The Tuner of a new sweep: the Optuna searcher, ASHA, short trial folders, no retries."""
+    import ray.tune as tune
+
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=build_scheduler(spec),
+            num_samples=spec.tune.num_samples,
+            max_concurrent_trials=spec.tune.max_concurrent,
+            trial_dirname_creator=trial_dirname,
+            trial_name_creator=trial_dirname,
         ),
-        {"cpu": float(spec.tune.trial_cpus)},
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=storage_path,
+            callbacks=[*callbacks, SweepTrialTensorBoardOff()],
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=verbose,
+        ),
     )
-    progress = SweepProgress(spec, str(exp_dir), exp_uri)
-    if not resume:
-        progress.tb.write_experiment()
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=build_searcher(spec, exp_dir, spec.name),
-                scheduler=build_scheduler(spec),
-                num_samples=spec.tune.num_samples,
-                max_concurrent_trials=spec.tune.max_concurrent,
-                trial_dirname_creator=trial_dirname,
-                trial_name_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=spec.name,
-                storage_path=str(storage) if exp_uri else str(exp_dir.parent),
-                callbacks=[progress, SweepTrialTensorBoardOff()],
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=verbose,
-            ),
-        )
-        log.info(
-            "sweep %s: %d trials (%d at a time), objectives %s, ASHA %s, Optuna %s, folder %s",
-            spec.name,
-            spec.tune.num_samples,
-            spec.tune.max_concurrent,
-            ", ".join(f"{o.metric} ({o.mode})" for o in objectives_of(spec)),
-            "off" if build_scheduler(spec) is None else dict(spec.tune.asha or {}),
-            url,
-            exp_uri or exp_dir,
-        )
-    else:
-        log.info("sweep %s: resuming %s", spec.name, exp_uri or exp_dir)
-        tuner = tune.Tuner.restore(
-            exp_uri or str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
-        )
-    grid = tuner.fit()
-    return write_outputs(spec, exp_dir, grid, url, time.time() - t0, exp_uri)

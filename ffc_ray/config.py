@@ -108,8 +108,8 @@ class HeadConfig:
     """
 
     type: str = "ffc"
-    # replicated: every worker holds all class rows (gradients all-reduced); sharded: worker r
-    # of W holds a contiguous 1/W of them, the softmax runs across workers (fc, partial_fc)
+    # replicated: every worker holds all class rows / pool slots; sharded: worker r of W holds a
+    # contiguous 1/W of them and the softmax runs across workers (ffc, fc, partial_fc)
     parallel: str = "replicated"
     margin_type: str = "arcface"
     margin: float = 0.5
@@ -414,8 +414,10 @@ def _check_rules(cfg: Config) -> None:
             "partial_fc on several workers runs sharded (replicated, the per-worker sampled "
             "rows would diverge); set head.parallel: sharded or ray.num_workers: 1",
         )
-    if h.parallel == "sharded" and h.type not in ("fc", "partial_fc"):
-        raise _err("head.parallel", f"sharded is implemented for fc and partial_fc, not {h.type}")
+    if h.parallel == "sharded" and h.type not in ("ffc", "fc", "partial_fc"):
+        raise _err(
+            "head.parallel", f"sharded is implemented for ffc, fc and partial_fc, not {h.type}"
+        )
     if h.parallel == "sharded" and h.margin_type not in SHARDABLE_MARGINS:
         raise _err(
             "head.margin_type",

@@ -83,7 +83,12 @@ def load_head_shard(directory: str | Path, rank: int, world: int) -> dict[str, A
     if not f.is_file():
         found = sorted(p.name for p in Path(directory).glob("head-*-of-*.pt"))
         was = re.search(r"-of-(\d+)\.pt$", found[0]).group(1) if found else None
-        hint = f"resume with ray.num_workers: {was}" if was else "it holds no head shards"
+        if was is None:
+            hint = "it holds no head shards"
+        elif int(was) == world:
+            hint = f"the file of rank {rank} is missing (found {', '.join(found)})"
+        else:
+            hint = f"resume with ray.num_workers: {was}"
         raise CheckpointError(
             f"{directory}: no {f.name} for a head sharded over {world} workers: {hint} "
             "(a sharded head is restored at the world size that wrote it)"

@@ -21,7 +21,7 @@ import torch
 
 from ffc_ray.config import Config, ConfigError
 from ffc_ray.data.batch import StepBatch
-from ffc_ray.data.source import WorkerData
+from ffc_ray.data.source import SyntheticSource
 from ffc_ray.data.types import FaceArrays, VerificationSet
 from ffc_ray.engine.trainer import Trainer, resolve_device
 from ffc_ray.preflight import check_run
@@ -134,7 +134,7 @@ class History(Callback):
         self.first = True
 
     def before_step(self, trainer: Trainer, batch: StepBatch) -> None:
-        self.batch_images = len(batch[0]) + len(batch[2])
+        self.batch_images = len(batch.x) + len(batch.y)
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any], loop: LoopState) -> None:
         t = self.cfg.train
@@ -227,7 +227,7 @@ def run_single_process(
     t1 = time.perf_counter()
     eval_fn = (lambda step: evaluate_trainer(cfg, trainer, vset)) if len(vset) else None
     record = History(cfg, eval_fn, log_fn)
-    batches = WorkerData(cfg, 0, 1, arrays=train).iter_batches(0, cfg.train.steps)
+    batches = SyntheticSource(cfg, train, [0], 1).iter_batches(0, cfg.train.steps)
     train_loop(trainer, batches, cfg.train.steps, [FiniteLoss(), record])
     summary = record.summary()
     t_train = time.perf_counter() - t1

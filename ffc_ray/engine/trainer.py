@@ -24,7 +24,7 @@ from torch import nn
 from ffc_ray.config import Config
 from ffc_ray.data.batch import chw_tensor, normalize
 from ffc_ray.engine.schedule import build_scheduler
-from ffc_ray.heads import build_head
+from ffc_ray.heads import build_head, parallel
 from ffc_ray.heads.base import StepContext
 from ffc_ray.models import build_backbone
 
@@ -114,6 +114,7 @@ class Trainer:
         # sharded head's rows are each rank's own
         sharded = getattr(self.head, "sharded", False)
         self._sync_head = ddp_wrap is not None and bool(self.head_params) and not sharded
+        self._sharded_rows = self.head_params if sharded else []  # rank-own optimised rows
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         fp16 = self.amp_dtype == torch.float16
@@ -158,6 +159,35 @@ class Trainer:
             dist.all_reduce(p.grad)
             p.grad.div_(world)
 
+    def _clip(self, max_norm: float) -> float:
+        """Clip every gradient by the global norm. With a sharded head (its optimised rows
+        differ by rank) the norm adds every rank's rows, so that all ranks scale alike and the
+        DDP-synchronised P-Nets stay equal."""
+        if not self._sharded_rows:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        own = {id(p) for p in self._sharded_rows}
+        shared = [p.grad for p in self.params if p.grad is not None and id(p) not in own]
+        rows = [p.grad for p in self._sharded_rows if p.grad is not None]
+        sq = torch.nn.utils.get_total_norm(rows).float() ** 2 if rows else torch.zeros(())
+        sq = parallel.sum_(sq.to(self.device))
+        if shared:
+            sq = sq + torch.nn.utils.get_total_norm(shared).float().to(self.device) ** 2
+        total = sq.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, total)
+        return float(total)
+
+    def _agree_on_overflow(self) -> None:
+        """Under an fp16 GradScaler every rank must skip the same steps: an inf or NaN in any
+        rank's sharded rows is copied into every rank's, so that every ``unscale_`` finds it."""
+        if not self.scaler.is_enabled():
+            return
+        grads = [p.grad for p in self._sharded_rows if p.grad is not None]
+        bad = torch.tensor(
+            [float(any(not bool(torch.isfinite(g).all()) for g in grads))], device=self.device
+        )
+        if float(parallel.sum_(bad)) > 0 and grads:
+            grads[0].view(-1)[0] = float("inf")
+
     def _backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
@@ -190,10 +220,11 @@ class Trainer:
         metrics = self.head_step(xt, lx_np, yt, ly_np)
         if self._sync_head:
             self._average_head_grads()
+        if self._sharded_rows:
+            self._agree_on_overflow()
         self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip is not None:
-            gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-            metrics["grad_norm"] = float(gn)
+            metrics["grad_norm"] = self._clip(self.cfg.optim.grad_clip)
         scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -110,7 +110,8 @@ def margin_logits(
 class FullFC(Head):
     """Cosine classifier over all N identities with a margin (ArcFace by default).
 
-    ``weight``: Parameter [N, D], N(0, 0.01) as arcface_torch; updated by the main optimiser.
+    ``weight``: Parameter [N, D] (or this rank's [N/W, D] block with ``sharded``), N(0, 0.01)
+    as arcface_torch; updated by the main optimiser.
     ``extra_step`` advances the margin's annealing iteration (SphereFace / L-Softmax).
     Metrics: ``loss_cls`` (margin cross entropy), ``acc`` (top-1 of the margin-free scores on the
     batch), ``loss_extra`` (MagFace / AdaptiveFace regulariser, when the margin has one).

@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffc_ray.config import Config
+from ffc_ray.config import Config, ConfigError
+from ffc_ray.heads import parallel
 from ffc_ray.heads.base import Head, HeadOutput, upcast
+from ffc_ray.heads.fc import owned_margin_logits, shard_of
 from ffc_ray.heads.margins import build_margin
 from ffc_ray.heads.pool_step import PoolStep
 from ffc_ray.registry import HEADS
@@ -153,25 +155,33 @@ class FFCHead(Head):
         neg_loss: str = "topk",
         symmetric: bool = True,
         seed: int = 0,
+        sharded: bool = False,
     ) -> None:
         super().__init__()
         if getattr(margin, "fc_only", False):
             name = type(margin).__name__
             raise ValueError(f"config field 'head.margin_type': {name} is FC-only")
-        self.capacity = int(capacity)
+        self.capacity = int(capacity)  # C of the whole run (global slot numbers)
+        self.sharded, self.start, self.end = shard_of(capacity, sharded, margin, "ffc head")
+        local = self.end - self.start  # slots stored here: all, or this rank's block
         self.k_per_id = int(k_per_id)
         self.top_k = min(int(top_k), self.capacity)
+        if self.sharded and self.top_k > self.capacity // parallel.world()[1]:
+            raise ConfigError(
+                f"config field 'head.top_k': {self.top_k} exceeds the smallest pool shard "
+                f"({self.capacity // parallel.world()[1]} slots)"
+            )
         self.k_mode = k_mode
         self.neg_loss = neg_loss
         self.symmetric = bool(symmetric)
         self.embedding_dim = int(embedding_dim)
         self.margin = margin
 
-        gen = torch.Generator().manual_seed(int(seed))
-        pool = torch.rand(self.k_per_id, self.capacity, self.embedding_dim, generator=gen)
+        gen = torch.Generator().manual_seed(int(seed) + self.start * 1_000_003)
+        pool = torch.rand(self.k_per_id, local, self.embedding_dim, generator=gen)
         self.register_buffer("pool", F.normalize(pool, dim=2))
-        self.register_buffer("ring_pos", torch.zeros(self.capacity, dtype=torch.int64))
-        self.register_buffer("row_count", torch.zeros(self.capacity, dtype=torch.int64))
+        self.register_buffer("ring_pos", torch.zeros(local, dtype=torch.int64))
+        self.register_buffer("row_count", torch.zeros(local, dtype=torch.int64))
         # optimiser steps taken, for the margin's schedule (SphereFace); kept in checkpoints
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
 
@@ -195,6 +205,7 @@ class FFCHead(Head):
             neg_loss=h.neg_loss,
             symmetric=h.symmetric,
             seed=cfg.train.seed,
+            sharded=h.parallel == "sharded",
         )
 
     # ---- pool writes --------------------------------------------------------------------
@@ -228,6 +239,10 @@ class FFCHead(Head):
                 f"FFCHead.write: slots must lie in [0, {self.capacity}), got "
                 f"[{int(slots_t.min())}, {int(slots_t.max())}]"
             )
+        if self.sharded:  # the gathered gallery: keep what lands in this rank's slots
+            mine = (slots_t >= self.start) & (slots_t < self.end)
+            slots_t, new_t, gallery = slots_t[mine] - self.start, new_t[mine], gallery[mine]
+            g = slots_t.numel()
         empty = torch.empty(0, dtype=torch.int64, device=self.pool.device)
         if g == 0:
             return WriteUndo(
@@ -318,6 +333,8 @@ class FFCHead(Head):
         if slots.numel() and (int(slots.max()) >= self.capacity or int(slots.min()) < -1):
             raise ValueError(f"FFCHead.loss: probe slots must lie in [-1, {self.capacity})")
         seen = self._as_index(seen_slots)
+        if self.sharded:
+            return self._loss_sharded(upcast(probe_raw), slots, seen)
         raw = upcast(probe_raw)
         p = F.normalize(raw, dim=1)
         pos = slots >= 0
@@ -352,6 +369,72 @@ class FFCHead(Head):
             **diag,
         }
         return HeadOutput(total, metrics)
+
+    def _loss_sharded(
+        self, raw: torch.Tensor, slots: torch.Tensor, seen: torch.Tensor
+    ) -> HeadOutput:
+        """:meth:`loss` of every rank's probes (gathered) against this rank's slots: the
+        positives' softmax across the shards, the negatives' top-K merged over the shards."""
+        raw, slots = parallel.gather(raw), parallel.gather_labels(slots)
+        p = F.normalize(raw, dim=1)
+        own = (seen >= self.start) & (seen < self.end)
+        seen = seen[own] - self.start
+        pos = slots >= 0
+        num_pos, num_neg = int(pos.sum()), int((~pos).sum())
+        target = torch.where((slots >= self.start) & (slots < self.end), slots - self.start, -1)[
+            pos
+        ]
+        norms = raw.norm(dim=1)[pos]
+        loss_pos = loss_neg = p.sum() * 0.0
+        diag: dict[str, float] = {}
+        for cos in self._cosine_sets(p, seen):
+            if not diag:
+                diag = self._diagnostics_sharded(cos.detach(), target, pos)
+            if num_pos:
+                logits = owned_margin_logits(self.margin, cos[pos], target, norms)
+                loss_pos = loss_pos + parallel.cross_entropy(logits, target)
+            if num_neg:
+                loss_neg = loss_neg + self._neg_term_sharded(cos[~pos])
+        metrics = {
+            "loss_pos": float(loss_pos.detach()),
+            "loss_neg": float(loss_neg.detach()),
+            "pos_fraction": num_pos / max(1, slots.numel()),
+            "num_pos": float(num_pos),
+            "num_neg": float(num_neg),
+            **diag,
+        }
+        return HeadOutput(loss_pos + loss_neg, metrics)
+
+    def _neg_term_sharded(self, cos_neg: torch.Tensor) -> torch.Tensor:
+        """:meth:`_neg_term` over every shard's columns: this rank's entries of the global top-K
+        (or all its columns for ``mean_cos``), the global sum, this rank's gradient."""
+        if self.neg_loss == "topk":
+            top = cos_neg.topk(self.top_k, dim=1).values
+            chosen = parallel.global_topk_mask(top, self.top_k)
+            part = (top.clamp(min=0) * chosen).sum()
+            return parallel.global_sum(part) / (cos_neg.shape[0] * self.top_k)
+        part = cos_neg.clamp(min=0).sum()
+        return parallel.global_sum(part) / (cos_neg.shape[0] * self.capacity)
+
+    @torch.no_grad()
+    def _diagnostics_sharded(
+        self, cos: torch.Tensor, target: torch.Tensor, pos: torch.Tensor
+    ) -> dict[str, float]:
+        """:meth:`_diagnostics` summed over the shards (``target``: the positives' local
+        column, -1 on other shards)."""
+        rows = pos.nonzero().squeeze(1)[target >= 0]
+        tgt = cos[rows, target[target >= 0]]
+        sums = torch.tensor(
+            [float(cos.sum(dtype=torch.float64)), cos.numel(), float(tgt.sum()), tgt.numel()],
+            dtype=torch.float64,
+            device=cos.device,
+        )
+        parallel.sum_(sums)
+        total, count, t_sum, t_count = sums.tolist()
+        out = {"cos_other": (total - t_sum) / max(1.0, count - t_count)}
+        if bool(pos.any()):
+            out["cos_target"] = t_sum / max(1.0, t_count)
+        return out
 
     def _diagnostics(
         self, cos: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor

@@ -51,7 +51,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # never reduce grad in place
         dist.all_reduce(grad, group=ctx.group)  # every rank's part of this rank's rows
         own = grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
         return own * ctx.size, None  # times W: DDP divides the backbone gradients by W
@@ -129,3 +129,41 @@ def top1(logits: Tensor, target: Tensor, group: Any = None) -> float:
     rows = mine.nonzero().squeeze(1)
     hit[rows] = (logits[rows].argmax(dim=1) == target[rows]).to(hit.dtype)
     return float(_all_reduce(hit, dist.ReduceOp.SUM, group).mean())
+
+
+def global_topk_mask(top: Tensor, k: int, group: Any = None) -> Tensor:
+    """Which of this rank's per-row top entries ``top`` [R, k_local] (values, sorted or not)
+    are among each row's k largest over every rank's entries: bool [R, k_local]. Every rank
+    must pass the same ``k_local`` (at least ``k`` columns per shard); every rank computes the
+    same global selection from the gathered values."""
+    rank, size = world(group)
+    if size == 1:
+        return _mask_of(top, k)
+    parts = [torch.empty_like(top) for _ in range(size)]
+    dist.all_gather(parts, top.detach().contiguous(), group=group)
+    every = torch.cat(parts, dim=1)
+    chosen = torch.zeros_like(every, dtype=torch.bool)
+    chosen.scatter_(1, every.topk(k, dim=1).indices, True)
+    kl = top.shape[1]
+    return chosen[:, rank * kl : (rank + 1) * kl]
+
+
+def _mask_of(values: Tensor, k: int) -> Tensor:
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    mask.scatter_(1, values.topk(min(k, values.shape[1]), dim=1).indices, True)
+    return mask
+
+
+def sum_(t: Tensor, group: Any = None) -> Tensor:
+    """``t`` summed over the ranks, in place (no gradient); returns ``t``."""
+    return _all_reduce(t, dist.ReduceOp.SUM, group)
+
+
+def global_sum(local: Tensor, group: Any = None) -> Tensor:
+    """The sum of ``local`` (a scalar with a graph) over the ranks, whose gradient is this
+    rank's own part: every rank holds the global value and back-propagates its share."""
+    if world(group)[1] == 1:
+        return local
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    return local + (total - local.detach())

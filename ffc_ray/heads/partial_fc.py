@@ -1,5 +1,7 @@
 """Partial FC (An et al., "Partial FC: Training 10 Million Identities on a Single Machine", ICCVW
-2021; InsightFace arcface_torch), single-process form.
+2021; InsightFace arcface_torch): one process holding every class, or sharded by class over the
+workers (``sharded``: rank r holds a contiguous 1/W of the rows and samples inside them, the
+softmax runs across the ranks, :mod:`ffc_ray.heads.parallel`).
 
 Every step the softmax runs over a sample of the N class centres: every class present in the
 batch (positives) plus uniformly drawn negatives up to ``int(sample_rate * N)`` centres in all;
@@ -48,15 +50,15 @@ _SEED_STRIDE = 1_000_003  # per-step seed = seed * stride + step: sampling is a 
 class PartialFC(Head):
     """Sampled-softmax classifier with sparse SGD on the sampled rows.
 
-    Buffers: ``weight`` [N, D] (N(0, 0.01)), ``weight_momentum`` [N, D] (when
+    Buffers: ``weight`` [N_local, D] (N(0, 0.01); N_local = N, or this rank's block when
+    sharded), ``weight_momentum`` [N_local, D] (when
     ``optim.momentum > 0``), ``steps`` (updates applied; with ``train.seed`` it fixes each step's
     sample, so a resumed run draws the same samples). Metrics: ``loss_cls``, ``acc`` (top-1 among
     the sampled centres), ``num_sampled``.
 
     One forward per :meth:`extra_step`: a second forward while the previous sample still holds an
-    unapplied gradient is an error (its update would be lost). In multi-worker runs every worker
-    holds its own copy of the buffers; they stay identical only if every worker's head sees the
-    same (globally gathered) batch.
+    unapplied gradient is an error (its update would be lost). On several workers the head runs
+    sharded (``head.parallel: sharded``): each rank updates only its own rows.
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class PartialFC(Head):
         self.num_local = self.end - self.start  # rows held here: all, or this rank's block
         self.sample_rate = float(sample_rate)
         self.num_sample = int(self.sample_rate * self.num_local)
+        if self.sharded:  # a shard that owns no positive in a step still scores one row
+            self.num_sample = max(1, self.num_sample)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.nesterov = bool(nesterov)

@@ -443,7 +443,8 @@ def _finish(
 
 
 def _report_with_checkpoint(report: dict[str, Any], trainer: Any, w: _Worker) -> None:
-    """All ranks call ``ray.train.report``; rank 0 attaches the checkpoint folder."""
+    """All ranks call ``ray.train.report``; rank 0 attaches the checkpoint folder, and with a
+    sharded head every rank adds its head file to it (Ray Train merges the folders)."""
 
     rngs = _gather_objects(rng_state())
     epoch, position = w.data.position(trainer.step)

@@ -413,3 +413,59 @@ def test_two_worker_sharded_partial_fc_learns_and_resumes_exactly(
     n = load_state(ckpt)["num_classes"]
     rows = [load_head_shard(ckpt, r, 2)["head"]["weight"].shape[0] for r in (0, 1)]
     assert rows == [(n + 1) // 2, n // 2]  # contiguous halves of the training identities
+
+
+def test_two_worker_sharded_pool_resumes_exactly(ray_session, tmp_path: Path) -> None:
+    """The DCP pool sharded by slot over two workers (each stores half of C, the actor still
+    plans global slots): a run stopped at step 4 and started again ends where the
+    uninterrupted run ends; each checkpoint holds one pool shard per rank."""
+    from ffc_ray.engine.checkpoint import load_head_shard
+    from ffc_ray.engine.loop import StopAfter
+
+    cfg = small_cfg(
+        tmp_path,
+        **{
+            "head.parallel": "sharded",
+            "head.margin_type": "cosface",
+            "head.margin": 0.2,
+            "train.steps": 8,
+            "train.eval_interval": 8,
+        },
+    )
+    full = run_training(cfg, name="dcp-full")
+    run_training(cfg, name="dcp-split", loop_callbacks=[StopAfter(4)])
+    second = run_training(cfg, name="dcp-split")
+    assert full.result.error is None and second.summary["start_step"] == 4
+    a, b = last_per_step(progress(full.run_dir)[0]), last_per_step(progress(second.run_dir)[0])
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    np.testing.assert_allclose(
+        [b[k]["loss"] for k in sorted(b)], [a[k]["loss"] for k in sorted(a)], rtol=1e-5, atol=1e-6
+    )
+    ckpt = checkpoints_by_step(full.run_dir)[8]
+    sizes = [load_head_shard(ckpt, r, 2)["head"]["pool"].shape[1] for r in (0, 1)]
+    assert sizes == [10, 10]  # pool.capacity 20 over two workers
+
+
+def test_two_worker_sharded_fc_clips_alike_and_keeps_the_pnets_equal(
+    ray_session, tmp_path: Path
+) -> None:
+    """Sharded FC rows are optimised by their own rank; clipping by a norm that adds every
+    rank's rows scales both ranks alike, so the DDP-synchronised P-Nets stay bit-equal."""
+    cfg = small_cfg(
+        tmp_path,
+        **{
+            "head.type": "fc",
+            "head.parallel": "sharded",
+            "head.margin_type": "cosface",
+            "head.margin": 0.2,
+            "optim.grad_clip": 0.5,  # below every step's norm: every step clips
+            "train.steps": 6,
+            "train.eval_interval": 6,
+        },
+    )
+    run = run_training(cfg, name="fc-sharded")
+    assert run.result.error is None and run.summary["final_step"] == 6
+    steps = last_per_step(progress(run.run_dir)[0])
+    assert all(steps[k]["grad_norm"] > 0.5 for k in steps)  # the clip was active
+    sums = run.summary["model_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]

@@ -104,8 +104,8 @@ def test_partial_fc_on_several_workers_runs_sharded_only():
         load_config(None, ["head.type=partial_fc", "ray.num_workers=2"])
     cfg = load_config(None, ["head.type=partial_fc", "ray.num_workers=2", "head.parallel=sharded"])
     assert cfg.head.parallel == "sharded"
-    with pytest.raises(ConfigError, match="'head.parallel'.*fc and partial_fc"):
-        load_config(None, ["head.type=ffc", "head.parallel=sharded"])
+    with pytest.raises(ConfigError, match="'head.parallel'.*ffc, fc and partial_fc"):
+        load_config(None, ["head.type=triplet", "head.parallel=sharded"])
     with pytest.raises(ConfigError, match="'head.margin_type'.*curricularface.*sharded"):
         load_config(
             None, ["head.type=fc", "head.parallel=sharded", "head.margin_type=curricularface"]

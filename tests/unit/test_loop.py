@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from ffc_ray.config import Config
+from ffc_ray.data.batch import StepBatch
 from ffc_ray.engine.loop import Callback, FiniteLoss, History, StopAfter, train_loop
 
 
@@ -32,14 +35,29 @@ class Recorder(Callback):
         self.name, self.calls = name, calls
 
     def before_step(self, trainer, batch):
-        self.calls.append((self.name, "before", trainer.step, batch[0]))
+        self.calls.append((self.name, "before", trainer.step, batch.lx.tolist()))
 
     def after_step(self, trainer, metrics, loop):
         self.calls.append((self.name, "after", loop.step, loop.stop))
 
 
 def batches(n: int = 100):
-    return (([i, i], None, [i], None) for i in range(n))
+    """Step batches of 2 + 1 one-pixel images (the loop only counts and forwards them)."""
+    img = torch.zeros
+    empty = np.empty(0, np.int64)
+    return (
+        StepBatch(
+            img(2, 3, 1, 1),
+            torch.tensor([i, i]),
+            img(1, 3, 1, 1),
+            torch.tensor([i]),
+            0,
+            i,
+            empty,
+            empty,
+        )
+        for i in range(n)
+    )
 
 
 def test_loop_runs_from_the_trainers_step_to_steps_calling_callbacks_in_order():
@@ -88,3 +106,31 @@ def test_history_windows_evals_and_throughput():
     assert out["evals"] == [(3, {"acc": 3}), (5, {"acc": 5})]
     assert out["mean_step_time"] == 0.5  # steps 2 .. 5; the first is left out
     assert out["images_per_s"] == pytest.approx(4 * 3 / (4 * 0.5))  # 3 images a step
+
+
+def test_the_single_process_run_trains_from_arrays_in_memory():
+    """run_single_process end to end on a few steps (the full learning test is slow): the
+    arrays it is handed feed the loop, and History counts the images of every step."""
+    from ffc_ray.data.synthetic import synthetic_split
+    from ffc_ray.engine.loop import run_single_process
+
+    over = {
+        "data.num_identities": 40,
+        "data.images_per_identity": 4,
+        "data.holdout_identities": 10,
+        "data.num_pairs": 40,
+        "data.image_size": 16,
+        "data.instance_batch": 8,
+        "data.identity_batch": 4,
+        "model.backbone": "tiny",
+        "model.embedding_dim": 16,
+        "pool.capacity": 20,
+        "train.steps": 4,
+        "train.eval_interval": 4,
+        "train.device": "cpu",
+        "eval.folds": 2,
+    }
+    cfg = Config().with_overrides(over)
+    res = run_single_process(cfg, data=synthetic_split(cfg.data))
+    assert res["train"]["final"]["step"] == 4.0 and math.isfinite(res["train"]["final"]["loss"])
+    assert res["train"]["images_per_s"] > 0 and "accuracy" in res["after"]

@@ -177,3 +177,53 @@ def test_the_shardable_margins_are_the_ones_the_config_allows():
 
     flagged = {n for n in MARGINS.names() if getattr(MARGINS.get(n), "shardable", False)}
     assert flagged == set(SHARDABLE_MARGINS)
+
+
+def _ffc_case(rank: int, k_mode: str, neg_loss: str) -> None:
+    from ffc_ray.heads.ffc import FFCHead
+
+    c, k = 9, 2  # shards of 5 and 4 slots
+    kw = {"k_per_id": k, "top_k": 3, "k_mode": k_mode, "neg_loss": neg_loss}
+    ref = FFCHead(c, D, CosFace(16.0, 0.2), **kw).double()
+    head = FFCHead(c, D, CosFace(16.0, 0.2), sharded=True, **kw).double()
+    s, e = head.start, head.end
+    assert head.sharded and head.pool.shape == (k, e - s, D)
+    g = torch.Generator().manual_seed(5)
+    gallery = torch.randn(10, D, generator=g, dtype=torch.float64)
+    slots = torch.tensor([0, 3, 3, 8, 5, 1, 6, 8, 2, 4])
+    new = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    with torch.no_grad():
+        ref.row_count[:] = torch.tensor([1, 2, 0, 1, 2, 0, 1, 2, 0])
+        ref.ring_pos[:] = torch.tensor([1, 0, 0, 1, 0, 0, 1, 0, 0])
+        for name in ("pool", "row_count", "ring_pos"):
+            mine = getattr(ref, name)[..., s:e] if name != "pool" else ref.pool[:, s:e]
+            getattr(head, name).copy_(mine)
+    before = ref.pool.clone()
+    undo_ref, undo = ref.write(gallery, slots, new), head.write(gallery, slots, new)
+    torch.testing.assert_close(head.pool, ref.pool[:, s:e], rtol=0, atol=0)
+    assert torch.equal(head.ring_pos, ref.ring_pos[s:e])
+    assert torch.equal(head.row_count, ref.row_count[s:e])
+    probes = torch.randn(W * B, D, generator=g, dtype=torch.float64) * 2
+    probe_slots = torch.tensor([0, -1, 3, 8, -1, 5, 6, -1, 2, 4, -1, 7])  # both shards, negatives
+    seen = ref.hit_slots(slots, new)
+    full = probes.clone().requires_grad_(True)
+    out_ref = ref.loss(full, probe_slots, seen)
+    out_ref.loss.backward()
+    mine = probes[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+    out = head.loss(mine, probe_slots[rank * B : (rank + 1) * B], seen)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, out_ref.loss.detach(), **TOL)
+    for key in ("loss_pos", "loss_neg", "num_pos", "num_neg", "cos_target", "cos_other"):
+        assert out.metrics[key] == pytest.approx(out_ref.metrics[key], rel=1e-9), key
+    torch.testing.assert_close(mine.grad, W * full.grad[rank * B : (rank + 1) * B], **TOL)
+    ref.restore(undo_ref)
+    head.restore(undo)
+    assert torch.equal(head.pool, before[:, s:e])
+
+
+@pytest.mark.parametrize("k_mode,neg_loss", [("ring", "topk"), ("mean", "mean_cos")])
+def test_sharded_pool_equals_the_replicated_pool(tmp_path, k_mode, neg_loss):
+    """The DCP pool sharded by slot: the same writes land in the owning shard, and the loss of
+    every rank's probes (positives through the cross-shard softmax, negatives' top-K merged
+    over the shards) and its gradients equal the single-process head's on the whole batch."""
+    _spawn(_ffc_case, tmp_path, k_mode, neg_loss)

@@ -130,3 +130,26 @@ def test_searcher_fails_errored_trials_in_the_study(tmp_path):
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
     assert math.isclose(study.best_value, 0.5)
+
+
+def test_an_objective_outside_the_table_metrics_reaches_the_rows_and_the_best():
+    from ffc_ray.ray.sweep.results import trial_row
+
+    spec = parse_sweep(
+        {
+            "name": "s",
+            "search": {"pool.fraction": {"uniform": [0.1, 0.5]}},
+            "tune": {"metric": "f1", "mode": "max"},
+        }
+    )
+    steps = spec.base.train.steps
+    rows = [
+        trial_row(spec, f"t{i}", {"pool.fraction": f}, {"f1": v, "step": steps})
+        for i, (f, v) in enumerate([(0.2, 0.6), (0.3, 0.8)])
+    ]
+    assert [r["f1"] for r in rows] == [0.6, 0.8]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        assert best_rows(spec, rows, study_of(spec, rows, [("f1", "max")], Path(d))) == [1]

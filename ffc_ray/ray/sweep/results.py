@@ -196,7 +196,8 @@ def trial_row(
     else:
         status = state.lower()
     row["status"] = status
-    for name in TABLE_METRICS:
+    objectives = [o.metric for o in objectives_of(spec) if o.metric not in TABLE_METRICS]
+    for name in (*TABLE_METRICS, *objectives):  # an objective outside the table's set too
         row[name] = metrics.get(name)
     row["step"] = int(step) if _finite(step) else None
     row["evals"] = metrics.get("training_iteration")

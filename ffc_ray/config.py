@@ -591,7 +591,12 @@ def load_config(
         _set_dotted(base, key, value)  # raises for unknown keys, naming them
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # an empty section (`data:`) takes the override
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                section = ".".join(parts[: i + 1])
+                raise _err(section, f"expected a mapping, got {node!r} (overriding {key})")
         node[parts[-1]] = value
     return Config.from_dict(data)

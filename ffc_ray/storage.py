@@ -223,6 +223,19 @@ def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> No
     write_bytes(uri, text.encode(encoding))
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a local file whole or not at all: ``<name>.part`` beside it, then an atomic
+    rename; the part file is removed when the write fails (a full disk, say)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
     """Copy one local file to ``uri`` (the full file name, not a folder)."""
     fs, path = resolve(uri)

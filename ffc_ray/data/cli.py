@@ -37,6 +37,21 @@ def _crop(text: str) -> tuple[int, int, int, int] | None:
     return box  # type: ignore[return-value]
 
 
+def _at_least(minimum: int):
+    """argparse type: an integer >= ``minimum`` (argparse names the option and exits 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
@@ -44,14 +59,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="image folder, RecordIO folder or .rec, or 'synthetic'")
     p.add_argument("store", help="output store folder (must not exist unless --overwrite)")
     p.add_argument("--format", choices=("auto", "folder", "rec", "synthetic"), default="auto")
-    p.add_argument("--image-size", type=int, default=112, help="stored (network) size, px")
+    p.add_argument("--image-size", type=_at_least(8), default=112, help="stored size, px")
     p.add_argument(
         "--crop",
         type=_crop,
         default=None,
         help="crop box l,t,r,b before resizing, or 'lfw' (69,69,181,181)",
     )
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
+    p.add_argument("--quality", type=_at_least(1), default=95, help="JPEG quality (1-100)")
     p.add_argument("--lossless", action="store_true", help="store PNG instead of JPEG")
     p.add_argument("--min-images", type=int, default=1, help="drop identities with fewer images")
     p.add_argument(
@@ -61,14 +76,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="drop every identity named in this pairs list (repeatable)",
     )
-    p.add_argument("--shards", type=int, default=4, help="LMDB environments")
+    p.add_argument("--shards", type=_at_least(1), default=4, help="LMDB environments")
     p.add_argument("--seed", type=int, default=0, help="shard assignment (and synthetic) seed")
-    p.add_argument("--workers", type=int, default=1, help="decode processes (folder imports)")
+    p.add_argument("--workers", type=_at_least(1), default=1, help="decode processes (folders)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad input file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--num-identities", type=int, default=100, help="synthetic: identities")
-    p.add_argument("--images-per-identity", type=int, default=8, help="synthetic: images each")
+    p.add_argument("--num-identities", type=_at_least(1), default=100, help="synthetic: ids")
+    p.add_argument(
+        "--images-per-identity", type=_at_least(1), default=8, help="synthetic: images each"
+    )
 
     p = sub.add_parser("pairs", help="LFW pairs list / InsightFace .bin -> verification .npz")
     p.add_argument("src", help="pairs .txt (LFW View 1 or 10-fold pairs.txt) or .bin")
@@ -83,6 +100,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--name", default=None, help="set name (default: file stem)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-pairs", type=_at_least(1), default=None, help=".bin: pairs budget")
+    p.add_argument(
+        "--max-image-pixels", type=_at_least(1), default=None, help=".bin: pixels per image"
+    )
+    p.add_argument(
+        "--max-total-pixels", type=_at_least(1), default=None, help=".bin: pixels of the set"
+    )
 
     p = sub.add_parser("verify", help="decode every record and check the index")
     p.add_argument("store")
@@ -153,10 +177,21 @@ def _run_import(args: argparse.Namespace) -> int:
 
 
 def _run_pairs(args: argparse.Namespace) -> int:
-    from ffc_ray.data.pairs import load_pairs, save_verification_set
+    from ffc_ray.data.pairs import BinBudget, load_pairs, save_verification_set
 
+    limits = {
+        k: getattr(args, k)
+        for k in ("max_pairs", "max_image_pixels", "max_total_pixels")
+        if getattr(args, k) is not None
+    }
     vset = load_pairs(
-        args.src, args.images, args.image_size, args.crop, args.name, progress=not args.no_progress
+        args.src,
+        args.images,
+        args.image_size,
+        args.crop,
+        args.name,
+        progress=not args.no_progress,
+        budget=BinBudget(**limits),
     )
     out = save_verification_set(vset, args.out)
     print(

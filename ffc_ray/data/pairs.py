@@ -208,18 +208,29 @@ def load_lfw_pairs(
 # InsightFace .bin
 
 
+def _latin1_bytes(text: object, encoding: object = "latin1") -> bytes:
+    """What Python 3 pickles at protocol 2 call to rebuild ``bytes``:
+    ``_codecs.encode(text, 'latin1')``; any other use is refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise DataError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that refuses every global, so loading cannot run code.
+    """An unpickler that refuses every global but one pure function, so loading cannot run code.
 
     Pickle's code-execution paths (REDUCE, BUILD, INST, OBJ, NEWOBJ) all need a callable,
-    which only ``find_class`` can supply; refusing it leaves the plain-data opcodes (bytes,
-    bytearray, str, ints, bools, None, lists, tuples, dicts, floats). ``persistent_load`` is
-    not defined, so persistent ids raise too.
+    which only ``find_class`` can supply; it gives only a stand-in for ``_codecs.encode`` that
+    turns a str into latin-1 bytes (how Python 3 writes ``bytes`` at protocol 2), which leaves
+    the plain-data opcodes (bytes, bytearray, str, ints, bools, None, lists, tuples, dicts,
+    floats). ``persistent_load`` is not defined, so persistent ids raise too.
     """
 
     source = "<pickle>"
 
     def find_class(self, module: str, name: str):  # noqa: D102 - see class docstring
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise DataError(
             f"{self.source}: refusing to load global '{module}.{name}' (a .bin file holds "
             "only bytes, lists, tuples and booleans; this pickle could run code)"
@@ -238,13 +249,31 @@ def safe_unpickle(data: bytes, source: str = "<pickle>"):
         raise DataError(f"{source}: not a readable pickle ({type(exc).__name__}: {exc})") from exc
 
 
+@dataclass(frozen=True)
+class BinBudget:
+    """Limits on what a ``.bin`` may make this process do. ``max_pairs``: pairs in the file
+    (2M: a million-pair set twice over); ``max_image_pixels``: one image's decoded size;
+    ``max_total_pixels``: the pixels of the set as loaded (after the resize to the network
+    size, counted once per pair slot, whatever the file's pickle shares), 32 Gpx: a 1M-pair set
+    at 112 px is 25 Gpx, LFW / CFP-FP / AgeDB-30 at 112 px are 0.15-0.18 Gpx."""
+
+    max_pairs: int = 2_000_000
+    max_image_pixels: int = 16_777_216  # 4096 x 4096: aligned faces are 112 x 112
+    max_total_pixels: int = 32_000_000_000
+
+
 def load_bin(
-    path: str | Path, image_size: int | None = None, name: str | None = None
+    path: str | Path,
+    image_size: int | None = None,
+    name: str | None = None,
+    budget: BinBudget = BinBudget(),
 ) -> VerificationSet:
     """An InsightFace ``.bin`` verification file as a :class:`VerificationSet`.
 
     Images are decoded and, when ``image_size`` is given and differs, resized (no crop: the
-    images are already aligned faces). Folds: consecutive blocks (InsightFace's KFold).
+    images are already aligned faces). Folds: consecutive blocks (InsightFace's KFold). Each
+    encoded image is decoded once however often the pickle refers to it, and ``budget`` bounds
+    the pairs, one image's pixels and the whole set's (an error names the file and the limit).
     """
     path = Path(path)
     if not path.is_file():
@@ -265,15 +294,27 @@ def load_bin(
         raise DataError(
             f"{path}: {len(bins)} images for {len(issame)} pairs (field 'bins' needs 2 per pair)"
         )
+    if len(issame) > budget.max_pairs:
+        raise DataError(f"{path}: {len(issame)} pairs exceed the budget of {budget.max_pairs}")
     images: list[np.ndarray] = []
+    decoded: dict[int, np.ndarray] = {}  # id of the bytes object -> its image (decoded once)
+    total = 0
     for k, b in enumerate(bins):
-        try:
-            img = open_image(bytes(b), f"{path} image {k}")
-        except ImageDecodeError as exc:
-            raise DataError(str(exc)) from exc
-        if image_size is not None:
-            img = crop_resize(img, None, image_size)
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = decoded.get(id(b))
+        if arr is None:
+            try:
+                img = open_image(bytes(b), f"{path} image {k}", budget.max_image_pixels)
+            except ImageDecodeError as exc:
+                raise DataError(str(exc)) from exc
+            if image_size is not None:
+                img = crop_resize(img, None, image_size)
+            arr = decoded[id(b)] = np.asarray(img, dtype=np.uint8)
+        total += arr.shape[0] * arr.shape[1]
+        if total > budget.max_total_pixels:
+            raise DataError(
+                f"{path}: the set's images exceed the budget of {budget.max_total_pixels} "
+                f"pixels in total (at image {k} of {len(bins)})"
+            )
         if images and arr.shape != images[0].shape:
             raise DataError(
                 f"{path} image {k}: size {arr.shape[1]}x{arr.shape[0]} differs from image 0 "
@@ -367,13 +408,15 @@ def load_pairs(
     crop: tuple[int, int, int, int] | None = LFW_CROP_BOX,
     name: str | None = None,
     progress: bool = False,
+    budget: BinBudget = BinBudget(),
 ) -> VerificationSet:
-    """Any supported pairs source by its extension: ``.npz``, ``.bin``, or an LFW list."""
+    """Any supported pairs source by its extension: ``.npz``, ``.bin`` (within ``budget``), or
+    an LFW list."""
     path = Path(path)
     if path.suffix == ".npz":
         return load_verification_set(path, image_size)
     if path.suffix == ".bin":
-        return load_bin(path, image_size, name)
+        return load_bin(path, image_size, name, budget)
     if images_dir is None:
         images_dir = path.parent / "images"
     return load_lfw_pairs(path, images_dir, image_size, crop, name, progress=progress)

@@ -29,20 +29,36 @@ def _pil():
     return Image
 
 
-def open_image(data: bytes, source: str = "<bytes>"):
+#: Largest image any import path decodes, in pixels (64 Mpx: an 8000 x 8000 photo). Read from
+#: the header before decoding; Pillow's own limit (178 Mpx) would let a 300 KB PNG take 0.5 GB.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def open_image(data: bytes, source: str = "<bytes>", max_pixels: int | None = None):
     """Decode encoded image bytes fully into an RGB ``PIL.Image`` (truncation is an error).
 
-    ``source`` (a path or a record key) goes into the error message.
+    ``source`` (a path or a record key) goes into the error message. An image whose header
+    announces more than ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) pixels is refused
+    before it is decoded.
     """
     import io
 
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     Image = _pil()
     try:
         img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageDecodeError(
+                f"{source}: {w} x {h} = {w * h} pixels exceed the budget of {max_pixels} "
+                "pixels per image"
+            )
         img.load()  # decode now: a truncated file raises here, not later
         if img.mode != "RGB":
             img = img.convert("RGB")
         return img
+    except ImageDecodeError:
+        raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
         raise ImageDecodeError(f"{source}: cannot decode image ({exc})") from exc
 

@@ -249,3 +249,36 @@ def test_lfw_subset_identity_disjoint_import_and_dev_pairs(lfw_dir, tmp_path, ca
     assert store.image_size == 112 and store.num_images == 8
     rc, out, _ = run(capsys, "verify", str(st), "--no-progress")
     assert rc == 0
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("--image-size", "0"), ("--num-identities", "0"), ("--images-per-identity", "0"),
+     ("--shards", "0"), ("--workers", "x")],
+)  # fmt: skip
+def test_import_refuses_impossible_numbers_with_exit_2_naming_the_option(
+    tmp_path, capsys, option, value
+):
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "import", "synthetic", str(tmp_path / "st"), option, value])
+    assert exc.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_pairs_cli_applies_the_bin_budget(tmp_path, capsys):
+    import io
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, "PNG")
+    (tmp_path / "t.bin").write_bytes(pickle.dumps(([buf.getvalue()] * 4, [True, False])))
+    rc, _, err = run(capsys, "pairs", str(tmp_path / "t.bin"), str(tmp_path / "t.npz"),
+                     "--max-pairs", "1")  # fmt: skip
+    assert rc == 2 and "t.bin: 2 pairs exceed the budget of 1" in err
+    assert not (tmp_path / "t.npz").exists()
+    rc, out, _ = run(capsys, "pairs", str(tmp_path / "t.bin"), str(tmp_path / "t.npz"))
+    assert rc == 0 and "2 pairs" in out

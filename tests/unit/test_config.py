@@ -168,3 +168,12 @@ def test_every_shipped_config_parses(path):
     if path.name == "gpu_iresnet50.yaml":  # the GPU recipe as the issue asks for it
         assert cfg.ray.use_gpu and cfg.train.amp == "bf16" and cfg.head.parallel == "sharded"
         assert (cfg.model.backbone, cfg.data.image_size) == ("iresnet50", 112)
+
+
+def test_an_override_into_an_empty_or_scalar_section(tmp_path):
+    empty, scalar = tmp_path / "empty.yaml", tmp_path / "scalar.yaml"
+    empty.write_text("data:\n")
+    scalar.write_text("data: 5\n")
+    assert load_config(empty, ["data.seed=3"]).data.seed == 3  # `data:` is an empty section
+    with pytest.raises(ConfigError, match=r"'data': expected a mapping, got 5 \(overriding"):
+        load_config(scalar, ["data.seed=3"])

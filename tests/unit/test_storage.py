@@ -520,3 +520,25 @@ def test_cli_reports_a_storage_error_without_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(data_cli, "run", fail(PermissionError("local disk")))
     with pytest.raises(PermissionError):
         cli.main(["data", "info", "s3://b/x"])
+
+
+def test_atomic_write_text_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from ffc_ray.storage import atomic_write_text
+
+    f = tmp_path / "results.md"
+    atomic_write_text(f, "first\n")
+    assert f.read_text() == "first\n"
+
+    def disk_full(self, text, *a, **k):
+        Path.write_bytes(self, text[:3].encode())  # a partial write, then the error
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(f, "second, longer\n")
+    monkeypatch.undo()
+    assert f.read_text() == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "results.md"
+    ]

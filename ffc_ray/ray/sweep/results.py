@@ -23,6 +23,7 @@ from ffc_ray.ray.sweep.spec import (
     SweepSpec,
     objectives_of,
 )
+from ffc_ray.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def ready_config(spec: SweepSpec, row: Mapping[str, Any]) -> Config:
 
 def write_config(cfg: Config, path: Path, header: str) -> None:
     text = "".join(f"# {line}\n" for line in header.splitlines())
-    path.write_text(text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _fmt(v: Any) -> str:
@@ -255,7 +256,7 @@ def write_table(
         "|" + "|".join("---" for _ in cols) + "|",
     ]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:

@@ -40,6 +40,7 @@ from ffc_ray.ray.sweep.spec import (
     objectives_of,
 )
 from ffc_ray.ray.sweep.trial import trial_driver
+from ffc_ray.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def prepare_experiment(
                 old_record,
             )
             old_record.rename(exp_dir / f"sweep.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    old_record.write_text(yaml.safe_dump(record, sort_keys=False))
+    atomic_write_text(old_record, yaml.safe_dump(record, sort_keys=False))
     if exp_uri is not None:
         push_sweep(exp_dir, exp_uri)  # the record (and a first study snapshot) up front
 

@@ -28,9 +28,23 @@ def check_run(cfg: Config, num_classes: int | None = None) -> int:
         from ffc_ray.data.source import num_training_classes  # opens the store (torch)
 
         num_classes = num_training_classes(cfg)
+    if cfg.data.source != "synthetic":
+        check_store_readable(cfg)
     capacity = cfg.check_pool_fits(num_classes)
     check_eval_sets(cfg)
     return capacity
+
+
+def check_store_readable(cfg: Config) -> None:
+    """Walk the training store's keys before any worker starts: a damaged shard is named here,
+    not after Ray has started and failed its workers."""
+    from ffc_ray.data.source import open_train_store
+    from ffc_ray.data.store import StoreError
+
+    try:
+        open_train_store(cfg).check_readable()
+    except StoreError as exc:
+        raise ConfigError(f"config field 'data.source': {exc}") from None
 
 
 def check_data_cpus(

@@ -540,3 +540,35 @@ def test_fast_jpeg_decode_falls_back_to_pillow_for_wrong_size_and_truncated_reco
         decode_records([blob], 40, ["rec-b"])  # a buffer larger than the image
     with pytest.raises(ImageDecodeError, match="rec-c: cannot decode"):
         decode_record(blob[: len(blob) // 2], 32, "rec-c")
+
+
+def test_damaged_pages_inside_a_shard_are_named_everywhere(tmp_path):
+    """Pages overwritten in place (size unchanged, so the opening checks pass): verify lists
+    the shard and goes on with the others, the pre-run key walk and the loaders' reads raise
+    a StoreError naming the shard; nothing crashes with LMDB's bare exception."""
+    from ffc_ray.config import Config, ConfigError
+    from ffc_ray.data.store import read_records
+    from ffc_ray.preflight import check_store_readable
+
+    labels = np.repeat(np.arange(40), 4)
+    import_arrays(smooth_images(160, 16), labels, tmp_path / "st", opts(image_size=16))
+    close_cached_envs()
+    data = shard_dir(tmp_path / "st", 0) / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    raw[2 * 4096 :] = bytes(len(raw) - 2 * 4096)  # every page but LMDB's two meta pages
+    data.write_bytes(bytes(raw))
+
+    report = verify_store(tmp_path / "st")
+    assert not report.ok and report.checked > 0  # the other shards were still checked
+    where, what = report.problems[0]
+    assert where == str(shard_dir(tmp_path / "st", 0)) and "MDB_CORRUPTED" in what
+    store = open_store(tmp_path / "st")
+    with pytest.raises(StoreError, match=r"shard-00000: LMDB reports damage"):
+        store.check_readable()
+    rows = np.flatnonzero(store.shards == 0)[:2]
+    with pytest.raises(StoreError, match=r"shard-00000: LMDB cannot read key"):
+        read_records(store.path, store.keys[rows], store.shards[rows])
+    cfg = Config().with_overrides({"data.source": str(tmp_path / "st"), "data.image_size": 16})
+    with pytest.raises(ConfigError, match=r"'data.source'.*shard-00000: LMDB reports damage"):
+        check_store_readable(cfg)
+    close_cached_envs()

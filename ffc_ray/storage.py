@@ -223,6 +223,24 @@ def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> No
     write_bytes(uri, text.encode(encoding))
 
 
+def free_space(path: str | os.PathLike) -> str:
+    """Free space of the file system holding ``path`` (or its nearest existing parent), in
+    words: what a disk-full error message shows."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "unknown free space"
+    return f"{free / 2**30:.2f} GiB free on {p}"
+
+
+def write_error(path: str | os.PathLike, exc: BaseException) -> str:
+    """``<path>: cannot write (<error>); <free space>``."""
+    return f"{path}: cannot write ({exc}); {free_space(path)}"
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a local file whole or not at all: ``<name>.part`` beside it, then an atomic
     rename; the part file is removed when the write fails (a full disk, say)."""

@@ -37,6 +37,7 @@ from ffc_ray.data.transforms import (
     open_image,
 )
 from ffc_ray.data.types import VerificationSet
+from ffc_ray.storage import write_error
 
 log = logging.getLogger(__name__)
 
@@ -345,16 +346,20 @@ def save_verification_set(vset: VerificationSet, path: str | Path) -> Path:
         path = path.with_suffix(path.suffix + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            left=vset.left,
-            right=vset.right,
-            issame=np.asarray(vset.issame, dtype=bool),
-            folds=np.asarray(vset.folds, dtype=np.int64),
-            name=np.array(vset.name),
-        )
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                left=vset.left,
+                right=vset.right,
+                issame=np.asarray(vset.issame, dtype=bool),
+                folds=np.asarray(vset.folds, dtype=np.int64),
+                name=np.array(vset.name),
+            )
+        tmp.replace(path)
+    except OSError as exc:  # disk full: no .part left to keep the disk full
+        tmp.unlink(missing_ok=True)
+        raise DataError(write_error(path, exc)) from None
     return path
 
 

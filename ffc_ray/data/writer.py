@@ -30,6 +30,7 @@ from ffc_ray.data.store import (
     sha256_file,
     shard_dir,
 )
+from ffc_ray.storage import write_error
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,9 @@ class StoreWriter:
                 env.set_mapsize(new)
                 self.map_growths += 1
                 log.debug("shard %d: map size grown to %d bytes", shard, new)
+            except (self._lmdb.Error, OSError) as exc:  # disk full, I/O error: nothing kept
+                self.abort()
+                raise StoreError(write_error(self.path, exc)) from None
         self._pending[shard] = []
 
     def _close_envs(self) -> None:
@@ -229,8 +233,12 @@ class StoreWriter:
 
         for s in range(self.num_shards):
             self._flush(s)
-        for env in self._envs:
-            env.sync(True)
+        try:
+            for env in self._envs:
+                env.sync(True)
+        except (self._lmdb.Error, OSError) as exc:
+            self.abort()
+            raise StoreError(write_error(self.path, exc)) from None
         self._close_envs()
         num_ids = len(names)
         labels = np.asarray(self._labels, dtype=np.int64)
@@ -243,11 +251,15 @@ class StoreWriter:
             raise DataError(
                 f"{self._sources[bad]}: label {labels[bad]} out of range (only {num_ids} names)"
             )
-        self._write_index(labels)
         counts = np.bincount(labels, minlength=num_ids)
         dropped = dict(dropped_identities or {})
-        self._write_meta(labels, names, counts, dropped, source)
-        self._move_into_place()
+        try:
+            self._write_index(labels)
+            self._write_meta(labels, names, counts, dropped, source)
+            self._move_into_place()
+        except OSError as exc:  # disk full while writing the index or meta.json
+            self.abort()
+            raise StoreError(write_error(self.path, exc)) from None
         return ImportSummary(
             path=str(self.path),
             num_images=int(len(labels)),

@@ -26,6 +26,7 @@ import torch
 from ffc_ray.config import CONFIG_FILE, Config
 from ffc_ray.engine.trainer import Trainer
 from ffc_ray.heads.ffc import FFCHead
+from ffc_ray.storage import write_error
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -122,7 +123,10 @@ def write_checkpoint(
         "num_classes": trainer.num_classes,
         "num_shards": num_shards,
     }
-    torch.save(state, directory / STATE_FILE)
+    try:
+        torch.save(state, directory / STATE_FILE)
+    except OSError as exc:  # the folder is a temporary one: nothing half-written survives
+        raise OSError(write_error(directory, exc)) from exc
     meta = {
         "step": trainer.step,
         "epoch": epoch,

@@ -87,3 +87,32 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path: Pa
     # the CLI: one line naming the file, exit code 2, still nothing run
     assert main(["eval", str(ckpt), "--pairs", "synthetic"]) == 2
     assert not marker.exists()
+
+
+def test_a_full_disk_while_writing_a_checkpoint_names_the_folder_and_the_free_space(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from ffc_ray.engine import checkpoint as ckpt_mod
+
+    def full(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    cfg = _cfg(tmp_path)
+    with pytest.raises(
+        OSError, match=r"ck: cannot write \(.*No space left.*\); [\d.]+ GiB free on"
+    ):
+        (tmp_path / "ck").mkdir()
+        write_checkpoint(
+            tmp_path / "ck",
+            trainer=Trainer(cfg, 20, "cpu"),
+            cfg=cfg,
+            index_state=None,
+            index_sum=None,
+            rng=[],
+            epoch=0,
+            position=0,
+            metrics={},
+            num_shards=1,
+        )

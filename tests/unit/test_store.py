@@ -572,3 +572,41 @@ def test_damaged_pages_inside_a_shard_are_named_everywhere(tmp_path):
     with pytest.raises(ConfigError, match=r"'data.source'.*shard-00000: LMDB reports damage"):
         check_store_readable(cfg)
     close_cached_envs()
+
+
+class _FullDisk:
+    """An LMDB environment whose write transactions fail as on a full disk."""
+
+    def begin(self, write=False, **kw):
+        raise lmdb.Error("mdb_txn_commit: No space left on device")
+
+    def close(self):
+        pass
+
+
+def test_a_full_disk_during_import_names_the_store_and_leaves_nothing(tmp_path):
+    w = StoreWriter(tmp_path / "st", image_size=8, encoding="png", num_shards=1)
+    w._envs[0].close()
+    w._envs[0] = _FullDisk()  # the one shard's environment
+    blob = encode_image(smooth_images(1, 8)[0], "png")
+    with pytest.raises(StoreError, match=r"st: cannot write \(.*No space left.*\); .* GiB free"):
+        with w:
+            w.add(0, blob, "a.png")
+            w.finish(["a"])
+    assert list(tmp_path.iterdir()) == []  # no store, no <store>.tmp-<pid>
+
+
+def test_a_full_disk_while_writing_pairs_leaves_no_part_file(tmp_path, monkeypatch):
+    from ffc_ray.data import pairs as pairs_mod
+    from ffc_ray.data.types import VerificationSet
+
+    def full(f, **arrays):
+        f.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pairs_mod.np, "savez", full)
+    imgs = smooth_images(4, 8)
+    vset = VerificationSet("v", imgs[0::2], imgs[1::2], np.array([True, False]))
+    with pytest.raises(pairs_mod.DataError, match=r"v\.npz: cannot write .*GiB free"):
+        pairs_mod.save_verification_set(vset, tmp_path / "v.npz")
+    assert list(tmp_path.iterdir()) == []

@@ -219,13 +219,17 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _run_info(args: argparse.Namespace) -> int:
     from ffc_ray.data.store import open_store
+    from ffc_ray.data.writer import import_debris
 
     info = open_store(args.store).info()
+    debris = [str(p) for p in import_debris(args.store)]
     if args.json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps({**info, "debris": debris}, indent=1))
     else:
         for k, v in info.items():
             print(f"{k}: {v}")
+        for p in debris:
+            print(f"debris: {p} (left by a dead import; the next import of this store removes it)")
     return 0
 
 

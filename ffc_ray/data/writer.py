@@ -35,6 +35,28 @@ from ffc_ray.storage import write_error
 log = logging.getLogger(__name__)
 
 
+def import_debris(store: str | Path) -> list[Path]:
+    """``<store>.tmp-<pid>`` / ``<store>.old-<pid>`` folders whose import process is gone (a
+    killed import leaves them; one still running is never listed)."""
+    store = Path(store)
+    out = []
+    for p in sorted(store.parent.glob(f"{store.name}.*-*")):
+        kind, _, pid = p.name[len(store.name) + 1 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and p.is_dir() and not _alive(int(pid)):
+            out.append(p)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 @dataclass
 class Skipped:
     """A source item left out of the store, and why (listed in meta.json and the CLI summary)."""
@@ -118,6 +140,9 @@ class StoreWriter:
         self.tmp = self.path.parent / f"{self.path.name}.tmp-{os.getpid()}"
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
+        for old in import_debris(self.path):  # a dead import's folders: its process is gone
+            log.warning("removing %s, left by an import that did not finish", old)
+            shutil.rmtree(old, ignore_errors=True)
         (self.tmp / SHARDS_DIR).mkdir(parents=True)
         self._envs = [
             lmdb.open(

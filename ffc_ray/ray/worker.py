@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -226,6 +227,8 @@ def _restore(
             "ckpt_index_checksum": meta.get("index_checksum"),
             "path": str(ckpt.path),
         }
+        if rank == 0:
+            info["orphans_removed"] = remove_orphan_checkpoints(Path(ckpt.path), info["from_step"])
         if actor is not None and rank == 0:
             loaded = ray.get(actor.load_state.remote(state["index"], int(state["step"])))
             if meta.get("index_checksum") not in (None, loaded):
@@ -237,6 +240,26 @@ def _restore(
     if planner is not None:
         planner.step = trainer.step
     return info
+
+
+def remove_orphan_checkpoints(restored: Path, step: int) -> list[str]:
+    """Checkpoint folders beside the one Ray Train restored whose step is later: written by a
+    driver that died before Ray registered them, never to be restored; removed (local run
+    folders only) and returned for the log."""
+    if not restored.is_dir():
+        return []  # a bucket: Ray Train's own folders there are left as they are
+    gone = []
+    for d in sorted(restored.parent.glob("checkpoint_*")):
+        try:
+            later = json.loads((d / META_FILE).read_text())["step"] > step
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours, or unreadable: left alone
+        if d != restored and later:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    if gone:
+        log.warning("removed checkpoint folders Ray Train never registered: %s", gone)
+    return gone
 
 
 def _start_logger(

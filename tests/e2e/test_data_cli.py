@@ -282,3 +282,25 @@ def test_pairs_cli_applies_the_bin_budget(tmp_path, capsys):
     assert not (tmp_path / "t.npz").exists()
     rc, out, _ = run(capsys, "pairs", str(tmp_path / "t.bin"), str(tmp_path / "t.npz"))
     assert rc == 0 and "2 pairs" in out
+
+
+def test_a_dead_imports_folders_are_named_and_the_next_import_removes_them(tmp_path, capsys):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose process is gone
+    st = tmp_path / "st"
+    rc, _, _ = run(capsys, "import", "synthetic", str(st), "--num-identities", "4",
+                   "--images-per-identity", "2", "--image-size", "16", "--no-progress")  # fmt: skip
+    assert rc == 0
+    (tmp_path / f"st.tmp-{dead.pid}" / "shards").mkdir(parents=True)  # a killed import
+    (tmp_path / f"st.tmp-{os.getpid()}-x").mkdir()  # not ours to judge: another name
+    live = tmp_path / f"st.tmp-{os.getppid()}"  # a running process's import: left alone
+    live.mkdir()
+    rc, out, _ = run(capsys, "info", str(st))
+    assert rc == 0 and f"debris: {tmp_path / f'st.tmp-{dead.pid}'}" in out
+    assert str(live) not in out
+    rc, _, _ = run(capsys, "import", "synthetic", str(st), "--num-identities", "4",
+                   "--images-per-identity", "2", "--image-size", "16", "--no-progress",
+                   "--overwrite")  # fmt: skip
+    assert rc == 0 and not (tmp_path / f"st.tmp-{dead.pid}").exists() and live.exists()

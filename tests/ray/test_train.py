@@ -469,3 +469,24 @@ def test_two_worker_sharded_fc_clips_alike_and_keeps_the_pnets_equal(
     assert all(steps[k]["grad_norm"] > 0.5 for k in steps)  # the clip was active
     sums = run.summary["model_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
+
+
+def test_checkpoint_folders_ray_never_registered_are_removed_on_resume(tmp_path: Path) -> None:
+    """A driver killed after writing checkpoint_c (step 12) but before Ray registered it: Ray
+    restores checkpoint_b (step 8); the later folder goes, earlier ones and foreign ones stay."""
+    import json
+
+    from ffc_ray.ray.worker import remove_orphan_checkpoints
+
+    for name, step in (("checkpoint_a", 4), ("checkpoint_b", 8), ("checkpoint_c", 12)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"step": step}))
+    (tmp_path / "checkpoint_x").mkdir()  # no meta.json: not ours
+    gone = remove_orphan_checkpoints(tmp_path / "checkpoint_b", 8)
+    assert gone == ["checkpoint_c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_a",
+        "checkpoint_b",
+        "checkpoint_x",
+    ]
+    assert remove_orphan_checkpoints(tmp_path / "missing", 8) == []

@@ -542,38 +542,6 @@ def test_fast_jpeg_decode_falls_back_to_pillow_for_wrong_size_and_truncated_reco
         decode_record(blob[: len(blob) // 2], 32, "rec-c")
 
 
-def test_damaged_pages_inside_a_shard_are_named_everywhere(tmp_path):
-    """Pages overwritten in place (size unchanged, so the opening checks pass): verify lists
-    the shard and goes on with the others, the pre-run key walk and the loaders' reads raise
-    a StoreError naming the shard; nothing crashes with LMDB's bare exception."""
-    from ffc_ray.config import Config, ConfigError
-    from ffc_ray.data.store import read_records
-    from ffc_ray.preflight import check_store_readable
-
-    labels = np.repeat(np.arange(40), 4)
-    import_arrays(smooth_images(160, 16), labels, tmp_path / "st", opts(image_size=16))
-    close_cached_envs()
-    data = shard_dir(tmp_path / "st", 0) / "data.mdb"
-    raw = bytearray(data.read_bytes())
-    raw[2 * 4096 :] = bytes(len(raw) - 2 * 4096)  # every page but LMDB's two meta pages
-    data.write_bytes(bytes(raw))
-
-    report = verify_store(tmp_path / "st")
-    assert not report.ok and report.checked > 0  # the other shards were still checked
-    where, what = report.problems[0]
-    assert where == str(shard_dir(tmp_path / "st", 0)) and "MDB_CORRUPTED" in what
-    store = open_store(tmp_path / "st")
-    with pytest.raises(StoreError, match=r"shard-00000: LMDB reports damage"):
-        store.check_readable()
-    rows = np.flatnonzero(store.shards == 0)[:2]
-    with pytest.raises(StoreError, match=r"shard-00000: LMDB cannot read key"):
-        read_records(store.path, store.keys[rows], store.shards[rows])
-    cfg = Config().with_overrides({"data.source": str(tmp_path / "st"), "data.image_size": 16})
-    with pytest.raises(ConfigError, match=r"'data.source'.*shard-00000: LMDB reports damage"):
-        check_store_readable(cfg)
-    close_cached_envs()
-
-
 class _FullDisk:
     """An LMDB environment whose write transactions fail as on a full disk."""
 
@@ -582,31 +550,3 @@ class _FullDisk:
 
     def close(self):
         pass
-
-
-def test_a_full_disk_during_import_names_the_store_and_leaves_nothing(tmp_path):
-    w = StoreWriter(tmp_path / "st", image_size=8, encoding="png", num_shards=1)
-    w._envs[0].close()
-    w._envs[0] = _FullDisk()  # the one shard's environment
-    blob = encode_image(smooth_images(1, 8)[0], "png")
-    with pytest.raises(StoreError, match=r"st: cannot write \(.*No space left.*\); .* GiB free"):
-        with w:
-            w.add(0, blob, "a.png")
-            w.finish(["a"])
-    assert list(tmp_path.iterdir()) == []  # no store, no <store>.tmp-<pid>
-
-
-def test_a_full_disk_while_writing_pairs_leaves_no_part_file(tmp_path, monkeypatch):
-    from ffc_ray.data import pairs as pairs_mod
-    from ffc_ray.data.types import VerificationSet
-
-    def full(f, **arrays):
-        f.write(b"x" * 1000)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(pairs_mod.np, "savez", full)
-    imgs = smooth_images(4, 8)
-    vset = VerificationSet("v", imgs[0::2], imgs[1::2], np.array([True, False]))
-    with pytest.raises(pairs_mod.DataError, match=r"v\.npz: cannot write .*GiB free"):
-        pairs_mod.save_verification_set(vset, tmp_path / "v.npz")
-    assert list(tmp_path.iterdir()) == []

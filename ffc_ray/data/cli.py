@@ -202,8 +202,10 @@ def _run_pairs(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from ffc_ray.data.store import verify_store
+    from ffc_ray.data.store import StoreError, verify_store
 
+    if not Path(args.store).exists():  # bad input (exit 2), not a damaged store (exit 1)
+        raise StoreError(f"store {args.store} does not exist")
     rep = verify_store(args.store, progress=not args.no_progress)
     if rep.ok:
         print(f"{rep.path}: OK, {rep.checked} records decoded, index and shards agree")

@@ -151,7 +151,21 @@ def pair_names(path: str | Path) -> set[str]:
 
 
 def lfw_image_path(images_dir: str | Path, name: str, n: int) -> Path:
-    return Path(images_dir) / name / f"{name}_{n:04d}.jpg"
+    """``<images>/<name>/<name>_<nnnn>.<ext>``: the .jpg LFW ships, or the one file of that
+    stem with any other extension (PNG re-encodes, say); none or several is an error."""
+    folder = Path(images_dir) / name
+    stem = f"{name}_{n:04d}"
+    jpg = folder / f"{stem}.jpg"
+    if jpg.is_file():
+        return jpg
+    found = sorted(p for p in folder.glob(f"{stem}.*") if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(f"image {folder / stem}.* does not exist (no file of that name)")
+    raise FileNotFoundError(
+        f"image {folder / stem}.* is ambiguous: {', '.join(p.name for p in found)}"
+    )
 
 
 def load_lfw_pairs(
@@ -173,11 +187,11 @@ def load_lfw_pairs(
     pairs = parse_pairs(pairs_path, folds)
     paths: list[tuple[Path, Path]] = []
     for p in pairs:
-        a = lfw_image_path(images_dir, p.name1, p.n1)
-        b = lfw_image_path(images_dir, p.name2, p.n2)
-        for q in (a, b):
-            if not q.is_file():
-                raise PairsError(f"{pairs_path}:{p.line}: image {q} does not exist")
+        try:
+            a = lfw_image_path(images_dir, p.name1, p.n1)
+            b = lfw_image_path(images_dir, p.name2, p.n2)
+        except FileNotFoundError as exc:
+            raise PairsError(f"{pairs_path}:{p.line}: {exc}") from None
         paths.append((a, b))
     cache: dict[Path, np.ndarray] = {}
     bar = progress_bar(len(paths), f"pairs {pairs_path.name}", enabled=progress)

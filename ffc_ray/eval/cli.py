@@ -145,6 +145,8 @@ def evaluate_checkpoint(
                 for k, v in res.items()
                 if isinstance(v, (int, float, np.floating, np.integer))
             },
+            **{k: None for k, v in res.items() if k.startswith("tar@") and v is None},
+            **({"notes": res["notes"]} if "notes" in res else {}),
             "figures": [str(p) for p in figs],
         }
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
@@ -160,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{name}: accuracy {m['accuracy']:.4f} +- {m['accuracy_std']:.4f}  "
             f"auc {m['auc']:.4f}  threshold {m['threshold']:.3f}  "
-            + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("tar@"))
+            + "  ".join(
+                f"{k} {'n/a' if v is None else f'{v:.4f}'}"
+                for k, v in m.items()
+                if k.startswith("tar@")
+            )
         )
     out = Path(args.out) if args.out else Path(res["checkpoint"]) / "eval"
     print(f"wrote {out / 'metrics.json'}")

@@ -122,7 +122,8 @@ def roc_image(
     if "accuracy" in metrics:
         entries.append((f"acc {metrics['accuracy']:.4f}", _BLUE))
     for key in sorted(k for k in metrics if str(k).startswith("tar@far=")):
-        entries.append((f"{key} {metrics[key]:.3f}", _BLUE))
+        if metrics[key] is not None:  # None: not measurable on this set
+            entries.append((f"{key} {metrics[key]:.3f}", _BLUE))
     ax.legend(entries, "lower right")
     return ax.array()
 

@@ -105,6 +105,7 @@ def evaluate_sets(
             vset,
             flip=cfg.eval.flip,
             batch_size=cfg.eval.batch_size,
+            far_targets=tuple(cfg.eval.far_targets),
         )
         full[vset.name] = res
         for key, value in res.items():

@@ -138,7 +138,9 @@ def verification_metrics(
     held-out fold (``folds``: a fold id per pair, or a number of consecutive equal folds).
     Reported: ``accuracy`` (mean over folds), ``accuracy_std``, ``threshold``
     (mean), ``precision``/``recall``/``f1`` over all pairs at the mean threshold, ``auc``,
-    ``tar@far=<f>`` per target, ``roc`` {fpr, tpr, thresholds}, ``hist`` {same, diff}.
+    ``tar@far=<f>`` per target (None, with the reason in ``notes``, where the FAR is below one
+    false accept among the negative pairs: unmeasurable on that set), ``roc`` {fpr, tpr,
+    thresholds}, ``hist`` {same, diff}.
     """
     s, y, f = _as_inputs(scores, issame, folds)
     fold_ids = np.unique(f)
@@ -169,10 +171,18 @@ def verification_metrics(
         "f1": float(f1),
         "auc": roc_auc(s, y),
     }
+    negatives = int((~y).sum())
+    notes = []
     for far in far_targets:
         if not 0 < far < 1:
             raise ValueError(f"verification_metrics: far_targets entry {far} is outside (0, 1)")
-        out[far_key(far)] = tar_at_far(s, y, far)[0]
+        if far * negatives < 1:  # one false accept is already a FAR of 1 / negatives
+            out[far_key(far)] = None
+            notes.append(f"{far_key(far)}: not measurable with {negatives} negative pairs")
+        else:
+            out[far_key(far)] = tar_at_far(s, y, far)[0]
+    if notes:
+        out["notes"] = "; ".join(notes)
     out["fold_accuracy"] = np.asarray(accs)
     out["roc"] = roc_curve(s, y)
     out["hist"] = {"same": s[y].copy(), "diff": s[~y].copy()}

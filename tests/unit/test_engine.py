@@ -331,3 +331,15 @@ def test_the_trainer_runs_the_step_strategy_its_head_declares(monkeypatch):
     assert calls == [(8, 8, 8, 8)]
     assert not torch.equal(tr.head.weight, before)  # the optimiser stepped the head
     assert tr.state_dict()["index"] == {"calls": 1} and tr.gnet is None
+
+
+def test_evaluate_sets_reports_the_configured_far_targets():
+    from ffc_ray.data.types import VerificationSet
+    from ffc_ray.eval.sets import evaluate_sets
+
+    cfg = tiny_cfg("fc", **{"eval.far_targets": [0.05], "eval.folds": 2})
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (80, 32, 32, 3), dtype=np.uint8)
+    vset = VerificationSet("v", imgs[0::2], imgs[1::2], np.arange(40) % 2 == 0)
+    flat, _ = evaluate_sets(Trainer(cfg, NUM_IDS, "cpu"), [vset], cfg)
+    assert "v/tar@far=0.05" in flat and not any("0.001" in k for k in flat)

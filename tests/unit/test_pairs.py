@@ -85,9 +85,28 @@ def test_ten_fold_header_layout(lfw_like):
 
 def test_pairs_naming_missing_images_name_line_and_path(lfw_like):
     (lfw_like / "pairs.txt").write_text(VIEW1 + "Bo_B\t1\t7\n")
-    missing = lfw_like / "images" / "Bo_B" / "Bo_B_0007.jpg"
-    with pytest.raises(PairsError, match=rf"pairs.txt:9: image {missing} does not exist"):
+    missing = lfw_like / "images" / "Bo_B" / "Bo_B_0007"
+    with pytest.raises(PairsError, match=rf"pairs.txt:9: image {missing}\.\* does not exist"):
         load_lfw_pairs(lfw_like / "pairs.txt", lfw_like / "images", image_size=16)
+
+
+def test_pairs_images_resolve_by_name_whatever_the_extension(lfw_like):
+    """A list names images without caring how they are encoded: Bo_B_0001 as a PNG resolves;
+    two files of one name are ambiguous and named."""
+    from PIL import Image
+
+    (lfw_like / "pairs.txt").write_text(VIEW1)
+    ref = load_lfw_pairs(lfw_like / "pairs.txt", lfw_like / "images", image_size=16, crop=None)
+    jpgs = sorted((lfw_like / "images").rglob("*.jpg"))
+    for p in jpgs:  # lossless re-encode: the same pixels under another extension
+        Image.open(p).save(p.with_suffix(".png"))
+        p.unlink()
+    got = load_lfw_pairs(lfw_like / "pairs.txt", lfw_like / "images", image_size=16, crop=None)
+    np.testing.assert_array_equal(got.left, ref.left)
+    dup = jpgs[0].with_suffix(".bmp")
+    Image.open(jpgs[0].with_suffix(".png")).save(dup)
+    with pytest.raises(PairsError, match=rf"{jpgs[0].stem}\.\* is ambiguous: .*\.bmp, .*\.png"):
+        load_lfw_pairs(lfw_like / "pairs.txt", lfw_like / "images", image_size=16, crop=None)
 
 
 @pytest.mark.parametrize(

@@ -116,8 +116,12 @@ def test_perfect_separation():
     m = verification_metrics(s, y, np.arange(200) * 10 // 200)
     assert m["accuracy"] == 1.0 and m["auc"] == 1.0 and m["accuracy_std"] == 0.0
     assert m["precision"] == 1.0 and m["recall"] == 1.0 and m["f1"] == 1.0
-    assert m["tar@far=0.001"] == 1.0
+    # 100 negative pairs: one false accept is already FAR 0.01, so 0.001 cannot be measured
+    assert m["tar@far=0.001"] is None and "100 negative pairs" in m["notes"]
     assert 0.4 <= m["threshold"] <= 0.6
+    big = verification_metrics(np.tile(s, 10), np.tile(y, 10), np.arange(2000) * 10 // 2000)
+    assert big["tar@far=0.001"] == 1.0  # 1000 negatives: measurable; 1e-4 still is not
+    assert big["tar@far=0.0001"] is None and "tar@far=0.001:" not in big["notes"]
     np.testing.assert_allclose(m["roc"]["tpr"][-1], 1.0)
 
 

@@ -355,19 +355,15 @@ def import_arrays(
     if len(names) < num:
         raise DataError(f"{len(names)} names for labels up to {num - 1}")
     counts = np.bincount(labels, minlength=len(names))
-    keep = [
-        c
-        for c in range(len(names))
-        if counts[c] >= opts.min_images and names[c] not in opts.exclude
-    ]
-    dropped = {
+    kept = (counts >= opts.min_images) & np.array([n not in opts.exclude for n in names], bool)
+    keep = np.flatnonzero(kept)
+    dropped = {  # the set of kept labels is built once: at 1M identities this is O(N)
         names[c]: (
             "excluded (named in a pairs file)"
             if names[c] in opts.exclude
             else f"{counts[c]} image(s) < min_images {opts.min_images}"
         )
-        for c in range(len(names))
-        if c not in set(keep)
+        for c in np.flatnonzero(~kept).tolist()
     }
     new = np.full(len(names), -1, dtype=np.int64)
     new[keep] = np.arange(len(keep))

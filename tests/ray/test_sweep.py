@@ -185,8 +185,10 @@ def test_asha_sweep_stops_early_keeps_starting_trials_and_writes_outputs(ray_ses
     assert rows[0.9]["status"] == "stopped early (ASHA)" and int(rows[0.9]["evals"]) == 1
     assert rows[0.5]["status"] == "stopped early (ASHA)" and int(rows[0.5]["evals"]) < 3
     for r in rows.values():  # every table metric filled for every trial
-        for key in ("accuracy", "auc", "tar@far=0.001", "head_memory_mb", "images_per_s"):
+        for key in ("accuracy", "auc", "head_memory_mb", "images_per_s"):
             assert math.isfinite(num(r[key])), (key, r)
+        # the set's 60 negative pairs are too few to measure FAR 0.001: no number made up
+        assert not math.isfinite(num(r["tar@far=0.001"] or "nan"))
         assert 0.0 <= num(r["accuracy"]) <= 1.0
     mem = [num(rows[f]["head_memory_mb"]) for f in (0.3, 0.5, 0.9)]
     assert mem[0] < mem[1] < mem[2]

@@ -19,16 +19,17 @@ from ffc_ray.config import Config, ConfigError
 from ffc_ray.eval.sets import check_eval_sets
 
 
-def check_run(cfg: Config, num_classes: int | None = None) -> int:
+def check_run(cfg: Config, num_classes: int | None = None, check_store: bool = True) -> int:
     """The checks a run needs before it starts; returns the pool capacity (slots).
 
     ``num_classes``: the training identities, read from ``data.source`` when not given.
+    ``check_store``: walk the store's keys (off where the caller already walked that store).
     """
     if num_classes is None:
         from ffc_ray.data.source import num_training_classes  # opens the store (torch)
 
         num_classes = num_training_classes(cfg)
-    if cfg.data.source != "synthetic":
+    if check_store and cfg.data.source != "synthetic":
         check_store_readable(cfg)
     capacity = cfg.check_pool_fits(num_classes)
     check_eval_sets(cfg)

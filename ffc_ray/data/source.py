@@ -108,7 +108,7 @@ class SyntheticSource:
 
     def labels(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         epoch, pos = divmod(int(step), self.steps_per_epoch)
-        plans = [s.epoch_plan(epoch) for s in self.samplers]
+        plans = self._plans_of(epoch)  # cached: a replay asks for every step of an epoch
         lab = self.arrays.labels
         return np.concatenate([lab[p.x[pos]] for p in plans]), np.concatenate(
             [lab[p.y[pos]] for p in plans]

@@ -148,16 +148,13 @@ class Trainer:
         return normalize(images, self.device, self.dtype)
 
     def _average_head_grads(self) -> None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        world = parallel.world()[1]
+        if world == 1:
             return
-        world = dist.get_world_size()
         for p in self.head_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+            parallel.sum_(p.grad).div_(world)
 
     def _clip(self, max_norm: float) -> float:
         """Clip every gradient by the global norm. With a sharded head (its optimised rows

@@ -495,9 +495,10 @@ def _report_with_checkpoint(report: dict[str, Any], trainer: Any, w: _Worker) ->
                 metrics=report,
                 num_shards=w.data.num_shards,
             )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        if getattr(trainer.head, "sharded", False):  # every rank adds its rows
+        sharded = getattr(trainer.head, "sharded", False)
+        if sharded:  # every rank adds its rows
             write_head_shard(Path(tmp), trainer, w.rank, w.world)
+        if w.rank == 0 or sharded:
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(report, checkpoint=checkpoint)
         if w.rank == 0:  # persisted now (Ray registers it with the run right after)

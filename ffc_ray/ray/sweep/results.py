@@ -7,6 +7,7 @@ Pure Python + torch's TensorBoard writer, so the unit tests cover it without a R
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -242,13 +243,12 @@ def write_table(
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    tmp = csv_path.with_name(csv_path.name + ".part")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    tmp.replace(csv_path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    atomic_write_text(csv_path, buf.getvalue())
     lines = [
         f"# {title}",
         "",

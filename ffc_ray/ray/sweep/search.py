@@ -41,13 +41,15 @@ def preflight(spec: SweepSpec) -> None:
         for v in p.bounds()
     ]
     num_classes = num_training_classes(spec.base)
+    walked: set[str] = set()  # each store's keys are walked once, not once per bound
     for where, cfg in cfgs:
         try:
             if cfg.data.source != spec.base.data.source:
                 num = num_training_classes(cfg)
             else:
                 num = num_classes
-            check_run(cfg, num)
+            check_run(cfg, num, check_store=cfg.data.source not in walked)
+            walked.add(cfg.data.source)
         except ConfigError as exc:
             raise ConfigError(f"sweep {spec.name}, {where}: {exc}") from None
     asha = spec.tune.asha
